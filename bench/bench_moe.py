@@ -1,0 +1,78 @@
+"""pytest-benchmark: nbmoe against PyTorch eager at the Qwen3-30B-A3B layer shape.
+
+    python -m pytest bench/bench_moe.py --benchmark-only --benchmark-group-by=param:T
+
+The same comparison as ``python -m nbmoe bench`` (which adds the roofline column).
+"""
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+from nbmoe import MoELayer, bench
+
+SHAPE = bench.QWEN3_30B_A3B
+TOKENS = [1, 128, 1024]
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return bench.layer_weights(SHAPE["experts"], SHAPE["hidden"], SHAPE["intermediate"], SHAPE["rank"])
+
+
+@pytest.fixture(scope="module")
+def layer(weights):
+    return MoELayer(*weights[:3], lora=weights[3], max_tokens=max(TOKENS))
+
+
+@pytest.fixture(scope="module")
+def eager(weights):
+    torch.set_num_threads(numba.get_num_threads())
+    return bench.EagerExperts(*weights)
+
+
+def _inputs(T):
+    ids, w = bench.routing(T, SHAPE["experts"], SHAPE["topk"])
+    x, grad_y = bench.activations(T, SHAPE["hidden"])
+    return x, ids, w, grad_y
+
+
+def _torch(x, ids, w, grad_y):
+    as_bf16 = lambda a: torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return as_bf16(x), torch.from_numpy(ids), torch.from_numpy(w).to(torch.bfloat16), as_bf16(grad_y)
+
+
+@pytest.mark.parametrize("T", TOKENS)
+def test_nbmoe_forward(benchmark, layer, T):
+    x, ids, w, _ = _inputs(T)
+    benchmark(layer.forward, x, ids, w)
+
+
+@pytest.mark.parametrize("T", TOKENS)
+def test_nbmoe_forward_backward(benchmark, layer, T):
+    x, ids, w, grad_y = _inputs(T)
+
+    def step():
+        layer.forward(x, ids, w, save_for_backward=True)
+        layer.backward(grad_y)
+    benchmark(step)
+
+
+@pytest.mark.parametrize("T", TOKENS)
+def test_eager_forward(benchmark, eager, T):
+    x, ids, w, _ = _torch(*_inputs(T))
+
+    def forward():
+        with torch.no_grad():
+            eager.forward(x, ids, w)
+    benchmark(forward)
+
+
+@pytest.mark.parametrize("T", TOKENS)
+def test_eager_forward_backward(benchmark, eager, T):
+    x, ids, w, grad_y = _torch(*_inputs(T))
+
+    def step():
+        eager.forward(x.detach().requires_grad_(True), ids, w.detach().requires_grad_(True)).backward(grad_y)
+    benchmark(step)

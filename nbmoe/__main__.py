@@ -1,0 +1,152 @@
+"""The command line: ``python -m nbmoe run | info | bench``.
+
+run    the main job: a Qwen3-30B-A3B-shaped MoE LoRA layer (E=128, k=8, H=2048, I=768,
+       r=16) with random weights at realistic scale, T=512 tokens, a few forward +
+       backward steps; prints the route, time per step, GFLOP/s and a check of sampled
+       tokens against the float64 reference. Every size is a flag.
+info   nbmoe.info(): CPU features, kernel route, threading layer.
+bench  nbmoe against PyTorch eager (same process, same threads) across T, with the
+       fraction of this machine's measured roofline.
+"""
+
+import argparse
+import sys
+import time
+
+import numba
+import numpy as np
+
+from . import __version__, bench, info, reference
+from .bench import QWEN3_30B_A3B
+
+
+def _shape_flags(parser, tokens):
+    d = QWEN3_30B_A3B
+    parser.add_argument("--experts", "-E", type=int, default=d["experts"])
+    parser.add_argument("--topk", "-k", type=int, default=d["topk"])
+    parser.add_argument("--hidden", "-H", type=int, default=d["hidden"])
+    parser.add_argument("--intermediate", "-I", type=int, default=d["intermediate"])
+    parser.add_argument("--rank", "-r", type=int, default=d["rank"], help="LoRA rank, 0 for none")
+    parser.add_argument("--tokens", "-T", type=int, nargs="+" if tokens is None else None,
+                        default=tokens or [1, 128, 1024])
+    parser.add_argument("--threads", type=int, default=None, help="Numba (and torch) threads")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _progress(label, done, total, note=""):
+    width = 30
+    filled = width * done // total
+    bar = "#" * filled + "." * (width - filled)
+    end = "\n" if done == total or not sys.stderr.isatty() else ""
+    print(f"\r{label} [{bar}] {done}/{total} {note}", end=end, file=sys.stderr, flush=True)
+
+
+def _header():
+    about = info()
+    route = about["route"] or f"none ({about['route_reason']})"
+    print(f"nbmoe {__version__} | route {route} ({about['route_reason']}) | cpu {about['cpu']} | "
+          f"numba {about['numba']}, {about['threading_layer']} x {about['threads']} threads")
+
+
+def _rel(got, ref):
+    ref = np.asarray(ref, np.float64)
+    return float(np.abs(np.asarray(got).astype(np.float64) - ref).mean() / max(np.abs(ref).mean(), 1e-30))
+
+
+def cmd_run(args):
+    E, k, H, I, r, T = args.experts, args.topk, args.hidden, args.intermediate, args.rank, args.tokens
+    _header()
+    print(f"layer: E={E} k={k} H={H} I={I} r={r}, T={T} tokens ({T * k} routed pairs)")
+    t = time.perf_counter()
+    gate, up, down, lora = bench.layer_weights(E, H, I, r, args.seed)
+    print(f"weights: {3 * E * H * I * 2 / 2**30:.2f} GiB bf16 made in {time.perf_counter() - t:.1f} s")
+    t = time.perf_counter()
+    from .layer import MoELayer
+    layer = MoELayer(gate, up, down, lora=lora, max_tokens=T)
+    print(f"packed once in {time.perf_counter() - t:.1f} s ({layer._packed.nbytes / 2**30:.2f} GiB); "
+          f"route {layer.route.name}")
+    ids, weights = bench.routing(T, E, k, args.seed)
+    x, grad_y = bench.activations(T, H, args.seed)
+    t = time.perf_counter()
+    layer.forward(x[:1], ids[:1], weights[:1], save_for_backward=True)
+    layer.backward(grad_y[:1])
+    print(f"kernels compiled or loaded from cache in {time.perf_counter() - t:.1f} s")
+    fwd_t, bwd_t = [], []
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        y = layer.forward(x, ids, weights, save_for_backward=True)
+        t1 = time.perf_counter()
+        grads = layer.backward(grad_y)
+        t2 = time.perf_counter()
+        fwd_t.append(t1 - t0)
+        bwd_t.append(t2 - t1)
+        _progress("steps", step + 1, args.steps, f"fwd {fwd_t[-1] * 1e3:.0f} ms  bwd {bwd_t[-1] * 1e3:.0f} ms")
+    fwd_flop, bwd_flop = bench.flops(T, k, H, I, r)
+    f, b = float(np.median(fwd_t)), float(np.median(bwd_t))
+    print(f"forward   {f * 1e3:9.1f} ms  {fwd_flop / f / 1e9:7.1f} GFLOP/s")
+    print(f"backward  {b * 1e3:9.1f} ms  {bwd_flop / b / 1e9:7.1f} GFLOP/s")
+    print(f"step      {(f + b) * 1e3:9.1f} ms  {(fwd_flop + bwd_flop) / (f + b) / 1e9:7.1f} GFLOP/s  "
+          f"({T / (f + b):.0f} tokens/s)")
+    sample = np.random.default_rng(args.seed).choice(T, size=min(args.check, T), replace=False)
+    y_ref, saved = reference.forward(x[sample], ids[sample], weights[sample], gate, up, down, lora)
+    g_ref = reference.backward(saved, grad_y[sample])
+    checks = [("y", _rel(y[sample], y_ref), 0.01),
+              ("grad_x", _rel(grads.input[sample], g_ref["input"]), 0.02),
+              ("grad_w", _rel(grads.topk_weights[sample], g_ref["topk_weights"]), 0.02)]
+    ok = all(err <= bound for _, err, bound in checks)
+    detail = ", ".join(f"{name} rel {err:.2e} (<= {bound})" for name, err, bound in checks)
+    print(f"check: {len(sample)} sampled tokens vs float64 reference: {detail}: {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def cmd_info(args):
+    for key, value in info().items():
+        if isinstance(value, dict):
+            value = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in value.items())
+        print(f"{key:18s} {value}")
+    return 0
+
+
+def cmd_bench(args):
+    _header()
+    ceilings = bench.measure_ceilings()
+    print(f"machine: fp32 FMA peak {ceilings.fma_gflops:.0f} GFLOP/s, read {ceilings.read_gbs:.1f} GB/s "
+          f"(measured now, {numba.get_num_threads()} threads)")
+    E, k, H, I, r = args.experts, args.topk, args.hidden, args.intermediate, args.rank
+    print(f"layer: E={E} k={k} H={H} I={I} r={r}; median of {args.repeat}")
+    gate, up, down, lora = bench.layer_weights(E, H, I, r, args.seed)
+    layer, rows = bench.side_by_side(gate, up, down, lora, args.tokens, repeat=args.repeat)
+    print(f"route {layer.route.name}")
+    head = (f"{'T':>5} | {'pass':8} | {'nbmoe ms':>9} | {'eager ms':>9} | {'speedup':>7} | "
+            f"{'GFLOP/s':>7} | {'roofline':>8}")
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        for name, ours, theirs, flop, nbytes in (
+                ("fwd", row.nbmoe_fwd_s, row.eager_fwd_s, row.fwd_flop, row.fwd_bytes),
+                ("fwd+bwd", row.nbmoe_step_s, row.eager_step_s, row.step_flop, row.step_bytes)):
+            print(f"{row.T:>5} | {name:8} | {ours * 1e3:9.2f} | {theirs * 1e3:9.2f} | {theirs / ours:6.2f}x | "
+                  f"{flop / ours / 1e9:7.1f} | {ceilings.roofline_s(flop, nbytes) / ours:8.2f}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m nbmoe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="the main job on its embedded default layer")
+    _shape_flags(run, tokens=512)
+    run.add_argument("--steps", type=int, default=5)
+    run.add_argument("--check", type=int, default=8, help="tokens checked against the reference")
+    sub.add_parser("info", help="CPU features, kernel route, threads")
+    bench_parser = sub.add_parser("bench", help="nbmoe vs PyTorch eager across T")
+    _shape_flags(bench_parser, tokens=None)
+    bench_parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        numba.set_num_threads(args.threads)
+    return {"run": cmd_run, "info": cmd_info, "bench": cmd_bench}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Measurement: a realistic layer, the PyTorch eager baseline, FLOP and byte counts, the
+machine's ceilings, and a side-by-side timing of both, in one process, same threads.
+
+The baseline is what transformers runs for a MoE block with PEFT-style LoRA: a Python
+loop over the experts hit, ``index_add_`` of the weighted outputs, bf16 throughout,
+backward through torch autograd. torch is imported only by the functions that need it.
+"""
+
+import time
+from dataclasses import dataclass
+
+import ml_dtypes
+import numba
+import numpy as np
+
+from .kernels.peak import ACC, fma_spin, read_stream
+from .layer import LoRAWeights, MoELayer
+
+QWEN3_30B_A3B = dict(experts=128, topk=8, hidden=2048, intermediate=768, rank=16)
+
+
+def layer_weights(E, H, I, r, seed=0):
+    """Base weights ~ N(0, 1/fan_in) in bf16 and LoRA factors (float32, B nonzero so every
+    gradient path carries signal) - the scale of a trained model."""
+    rng = np.random.default_rng(seed)
+
+    def normal(shape, scale, dtype=ml_dtypes.bfloat16):
+        # one expert at a time through a reused float32 buffer: no GiB-sized temporaries
+        out = np.empty(shape, dtype)
+        buf = np.empty(shape[1:], np.float32)
+        for e in range(shape[0]):
+            rng.standard_normal(out=buf, dtype=np.float32)
+            buf *= np.float32(scale)
+            out[e] = buf
+        return out
+
+    gate, up = normal((E, I, H), H ** -0.5), normal((E, I, H), H ** -0.5)
+    down = normal((E, H, I), I ** -0.5)
+    lora = None
+    if r:
+        f32 = np.float32
+        lora = LoRAWeights(normal((E, r, H), H ** -0.5, f32), normal((E, I, r), 0.1 * r ** -0.5, f32),
+                           normal((E, r, H), H ** -0.5, f32), normal((E, I, r), 0.1 * r ** -0.5, f32),
+                           normal((E, r, I), I ** -0.5, f32), normal((E, H, r), 0.1 * r ** -0.5, f32),
+                           alpha=2.0 * r)
+    return gate, up, down, lora
+
+
+def routing(T, E, k, seed=0):
+    """x [T, H]-independent routing: k distinct experts per token, softmax-like weights."""
+    rng = np.random.default_rng(seed + 1)
+    ids = np.argsort(rng.random((T, E)), axis=1)[:, :k].astype(np.int64)
+    weights = rng.dirichlet(np.ones(k), size=T).astype(np.float32)
+    return ids, weights
+
+
+def activations(T, H, seed=0):
+    rng = np.random.default_rng(seed + 2)
+    x = rng.standard_normal((T, H), dtype=np.float32).astype(ml_dtypes.bfloat16)
+    grad_y = rng.standard_normal((T, H), dtype=np.float32).astype(ml_dtypes.bfloat16)
+    return x, grad_y
+
+
+def flops(T, k, H, I, r):
+    """(forward, backward) FLOPs of the layer, base GEMMs plus LoRA products.
+
+    forward: 3 projections of H x I per pair, LoRA r (H + I) per projection;
+    backward: the input gradient through every base weight (frozen: no weight
+    gradient), and per projection the LoRA input gradient plus dA and dB."""
+    pairs = T * k
+    base = 2 * pairs * 3 * H * I
+    lora = 2 * pairs * 3 * r * (H + I)
+    return base + lora, base + 2 * lora
+
+
+def weight_bytes(ids, E, H, I):
+    """bf16 bytes of the experts a call touches: each read once per pass."""
+    active = np.unique(ids[ids >= 0]).size if ids.size else 0
+    return active * 3 * H * I * 2
+
+
+@dataclass
+class Ceilings:
+    fma_gflops: float      # fp32 FMA, all threads
+    read_gbs: float        # streaming read, all threads
+
+    def roofline_s(self, flop, nbytes):
+        return max(flop / (self.fma_gflops * 1e9), nbytes / (self.read_gbs * 1e9))
+
+
+def measure_ceilings(read_mib=1024):
+    """fp32 FMA peak and read bandwidth of this machine, best of a few runs."""
+    threads = numba.get_num_threads()
+    out = np.zeros(threads, np.float32)
+    fma_spin(1000, out)
+    iters = 2_000_000
+    best = 0.0
+    for _ in range(4):
+        t = time.perf_counter()
+        fma_spin(iters, out)
+        best = max(best, 2 * 16 * ACC * iters * threads / (time.perf_counter() - t))
+    data = np.ones(read_mib << 18, np.float32)
+    read_stream(data, 64)
+    bandwidth = max(data.nbytes / _timed(lambda: read_stream(data, 64)) for _ in range(3))
+    return Ceilings(best / 1e9, bandwidth / 1e9)
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def median_time(fn, repeat, warmup=1):
+    for _ in range(warmup):
+        fn()
+    return float(np.median([_timed(fn) for _ in range(repeat)]))
+
+
+class EagerExperts:
+    """The PyTorch eager baseline: transformers' expert loop with PEFT-style LoRA, bf16."""
+
+    def __init__(self, gate, up, down, lora):
+        import torch
+
+        def tensor(a, grad=False):
+            t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16) \
+                if a.dtype == ml_dtypes.bfloat16 else torch.from_numpy(a).to(torch.bfloat16)
+            return t.requires_grad_(grad)
+
+        self.torch = torch
+        self.gate_up = torch.cat([tensor(gate), tensor(up)], dim=1)          # [E, 2I, H], gate first
+        self.down = tensor(down)
+        self.lora = None
+        if lora is not None:
+            names = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+            self.lora = {n: tensor(getattr(lora, n), grad=True) for n in names}
+            self.scaling = lora.alpha / lora.gate_a.shape[1]
+
+    def _lora(self, x, a, b, e):
+        return (x @ self.lora[a][e].T) @ self.lora[b][e].T * self.scaling
+
+    def forward(self, x, ids, weights):
+        torch = self.torch
+        F = torch.nn.functional
+        out = torch.zeros_like(x)
+        E = self.gate_up.shape[0]
+        mask = F.one_hot(ids.clamp(min=0), E).masked_fill((ids < 0)[..., None], 0).permute(2, 1, 0)
+        for e in torch.nonzero(mask.sum(dim=(1, 2))).flatten().tolist():
+            slot, token = torch.where(mask[e])
+            xs = x[token]
+            gate, up = F.linear(xs, self.gate_up[e]).chunk(2, dim=-1)
+            if self.lora is not None:
+                gate = gate + self._lora(xs, "gate_a", "gate_b", e)
+                up = up + self._lora(xs, "up_a", "up_b", e)
+            h = F.silu(gate) * up
+            d = F.linear(h, self.down[e])
+            if self.lora is not None:
+                d = d + self._lora(h, "down_a", "down_b", e)
+            out.index_add_(0, token, (d * weights[token, slot, None]).to(out.dtype))
+        return out
+
+
+@dataclass
+class Row:
+    T: int
+    nbmoe_fwd_s: float
+    eager_fwd_s: float
+    nbmoe_step_s: float
+    eager_step_s: float
+    fwd_flop: float
+    step_flop: float
+    fwd_bytes: float
+    step_bytes: float
+
+
+def side_by_side(gate, up, down, lora, tokens, repeat=3, max_tokens=None):
+    """Time nbmoe and the eager baseline on the same data, forward and forward+backward,
+    for each T in ``tokens``; torch uses Numba's thread count."""
+    import torch
+
+    torch.set_num_threads(numba.get_num_threads())
+    E, I, H = gate.shape
+    r = 0 if lora is None else lora.gate_a.shape[1]
+    k = QWEN3_30B_A3B["topk"] if E >= QWEN3_30B_A3B["topk"] else 1
+    layer = MoELayer(gate, up, down, lora=lora, max_tokens=max_tokens or max(tokens))
+    eager = EagerExperts(gate, up, down, lora)
+    rows = []
+    for T in tokens:
+        ids, weights = routing(T, E, k)
+        x, grad_y = activations(T, H)
+
+        def nb_fwd():
+            layer.forward(x, ids, weights)
+
+        def nb_step():
+            layer.forward(x, ids, weights, save_for_backward=True)
+            layer.backward(grad_y)
+
+        tx = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+        tg = torch.from_numpy(grad_y.view(np.int16)).view(torch.bfloat16)
+        tids, tw = torch.from_numpy(ids), torch.from_numpy(weights).to(torch.bfloat16)
+
+        def eager_fwd():
+            with torch.no_grad():
+                eager.forward(tx, tids, tw)
+
+        def eager_step():
+            xg = tx.detach().requires_grad_(True)
+            wg = tw.detach().requires_grad_(True)
+            eager.forward(xg, tids, wg).backward(tg)
+
+        fwd_flop, bwd_flop = flops(T, k, H, I, r)
+        nbytes = weight_bytes(ids, E, H, I)
+        rows.append(Row(T, median_time(nb_fwd, repeat), median_time(eager_fwd, repeat),
+                        median_time(nb_step, repeat), median_time(eager_step, repeat),
+                        fwd_flop, fwd_flop + bwd_flop, nbytes, 2 * nbytes))
+    return layer, rows

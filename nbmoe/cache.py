@@ -1,0 +1,96 @@
+"""Forward caches: what a forward saves for its backward, in a LIFO pool of fixed slots.
+
+A ``ForwardCache`` holds everything backward reads, each in its own allocation:
+
+- the input ``x`` in token order (backward regathers it for the gate/up LoRA gradients),
+- the routing: ``topk_ids``, ``topk_weights``, ``rows``, ``offsets``, ``order``,
+  ``row_slot``, ``slot_of_expert``, ``active`` (backward restores this routing,
+  never the current one),
+- ``gu`` (pre-activation g | u), ``h``, ``d`` (bf16, expert order), and the LoRA
+  down-projections ``xa_gu`` = x [A_gate; A_up]^T and ``xa_d`` = h A_down^T (fp32).
+
+``CacheStack`` allocates ``depth`` slots once; ``reserve`` hands out a free slot or
+raises ``CacheOverflowError`` before anything is written; ``push``/``pop`` are LIFO.
+Arrays are ``np.zeros``: the OS commits their pages only when a forward touches
+them, so capacity for ``max_tokens`` costs memory only as far as it is used.
+"""
+
+import numpy as np
+
+from .kernels.gemm import padded
+
+
+class CacheOverflowError(RuntimeError):
+    """``forward(save_for_backward=True)`` with every cache slot in use."""
+
+
+class CacheEmptyError(RuntimeError):
+    """``backward`` with no saved forward."""
+
+
+class ForwardCache:
+    """One forward's saved tensors, sized for ``tokens`` tokens of ``k`` slots."""
+
+    def __init__(self, E, H, I, r, tokens, k):
+        pairs = tokens * k
+        Hp, Ip = padded(H), padded(I)
+        self.T = 0
+        self.P = 0
+        self.n_active = 0
+        self.x = np.zeros((tokens, H), np.uint16)
+        self.topk_ids = np.zeros((tokens, k), np.int64)
+        self.topk_weights = np.zeros((tokens, k), np.float32)
+        self.rows = np.zeros((tokens, k), np.int64)
+        self.offsets = np.zeros(E + 1, np.int64)
+        self.order = np.zeros(pairs, np.int64)
+        self.row_slot = np.zeros(pairs, np.int64)
+        self.slot_of_expert = np.zeros(E, np.int64)
+        self.active = np.zeros(E, np.int64)
+        self.gu = np.zeros((pairs, 2 * Ip), np.uint16)
+        self.h = np.zeros((pairs, Ip), np.uint16)
+        self.d = np.zeros((pairs, Hp), np.uint16)
+        self.xa_gu = np.zeros((pairs, 2 * r), np.float32)
+        self.xa_d = np.zeros((pairs, r), np.float32)
+
+    def arrays(self):
+        return [v for v in vars(self).values() if isinstance(v, np.ndarray)]
+
+
+class CacheStack:
+    """``depth`` forward caches, allocated once, used last-in first-out."""
+
+    def __init__(self, depth, make_cache):
+        self.depth = depth
+        self._free = [make_cache() for _ in range(depth)]
+        self._stack = []
+
+    def __len__(self):
+        return len(self._stack)
+
+    def reserve(self):
+        """A free slot to fill; raises ``CacheOverflowError`` if all ``depth`` are saved."""
+        if not self._free:
+            raise CacheOverflowError(
+                f"forward(save_for_backward=True): all {self.depth} cache slots hold saved "
+                f"forwards awaiting backward; run backward first or construct the layer "
+                f"with a larger cache_depth")
+        return self._free[-1]
+
+    def push(self, cache):
+        self._free.remove(cache)
+        self._stack.append(cache)
+
+    def peek(self):
+        """The newest saved forward; raises ``CacheEmptyError`` if none."""
+        if not self._stack:
+            raise CacheEmptyError("backward: no saved forward; call forward(..., "
+                                  "save_for_backward=True) first")
+        return self._stack[-1]
+
+    def pop(self):
+        cache = self._stack.pop()
+        self._free.append(cache)
+        return cache
+
+    def slots(self):
+        return self._free + self._stack

@@ -1,0 +1,194 @@
+"""Fused MoE forward and backward over all experts: the kernels of this package in order.
+
+Shapes: T tokens, k slots, P routed pairs (skipped slots dropped), E experts, S active
+experts, H hidden, I intermediate, r LoRA rank, Hp / Ip padded to ``gemm.PAD``;
+``s = alpha / r``. ``cache`` is the ``ForwardCache`` slot, ``ws`` the ``Workspace``.
+
+Forward::
+
+    route_pairs(topk_ids)               -> offsets, order, rows, row_slot      (cache)
+    gather_rows(x)                      -> xs [P, Hp] bf16                     (ws)
+    project(xs, [A_g; A_u])             -> xa_gu [P, 2r] fp32                  (cache)
+    grouped_gemm(xs, W_gu) + s xa_gu [B_g|B_u]^T -> gu = g | u [P, 2Ip] bf16   (cache)
+    silu_mul(gu)                        -> h [P, Ip] bf16                      (cache)
+    project(h, A_d)                     -> xa_d [P, r] fp32                    (cache)
+    grouped_gemm(h, W_d) + s xa_d B_d^T -> d [P, Hp] fp32 (ws) and bf16        (cache)
+    combine_rows(d, topk_weights)       -> y [T, H] bf16
+
+Backward (routing, gu, h, d, xa_* from the cache; LoRA factors reloaded)::
+
+    pair_grads(grad_y, d)               -> G = w grad_y [P, Hp] fp32 (+ bf16 G16), grad_w [T, k]
+    project(G, B_d^T)                   -> gb_d = G B_d [P, r]
+    grouped_gemm(G16, W_d^T) + s gb_d A_d -> grad_h [P, Ip] fp32
+    silu_mul_backward(grad_h, gu)       -> dgu = dg | du [P, 2Ip] fp32 (+ bf16 dgu16)
+    project(dgu, [B_g|B_u]^T)           -> gb_gu = dg B_g | du B_u [P, 2r]
+    grouped_gemm(dgu16, [W_g; W_u]^T) + s gb_gu [A_g; A_u] -> grad_x per pair [P, Hp] fp32
+    combine_rows(grad_x per pair, 1)    -> grad_x [T, H] bf16
+    outer(...)                          -> dA_g, dA_u (from xs regathered), dB_g, dB_u (dgu),
+                                           dA_d (h), dB_d (G), each times s
+
+The base-weight GEMMs take bf16 operands (G16, dgu16: what bf16 dot-product instructions
+need); every LoRA product takes the fp32 G and dgu, so a low-rank gradient, a sum that
+can cancel, carries no bf16 rounding of its operands.
+
+Saved: x (token order), routing, gu, h, d (bf16), xa_gu, xa_d. Recomputed: xs (a gather),
+sigmoid(g). Nothing else survives a call.
+"""
+
+import numpy as np
+
+from .activation import silu_mul, silu_mul_backward
+from .gemm import TILE_N, grouped_gemm, make_tasks, pack_vnni, padded
+from .lora import load_a, load_bt, outer, project, store_a, store_bt
+from .routing import combine_rows, gather_rows, pair_grads, route_pairs
+
+_EMPTY_F32 = np.zeros((0, 0), np.float32)
+_EMPTY_U16 = np.zeros((0, 0), np.uint16)
+
+
+class PackedWeights:
+    """Base weights in the VNNI layout of ``gemm.pack_vnni``, packed once.
+
+    gu [E, 2Ip/16, Hp/2, 16]  = [W_gate; W_up]      (forward gate/up)
+    d  [E, Hp/16, Ip/2, 16]   = W_down              (forward down)
+    gu_t [E, Hp/16, Ip, 16]   = [W_gate; W_up]^T    (backward grad_x)
+    d_t  [E, Ip/16, Hp/2, 16] = W_down^T            (backward grad_h)
+    """
+
+    def __init__(self, gate, up, down):
+        E, I, H = gate.shape
+        Hp, Ip = padded(H), padded(I)
+        self.gu = np.zeros((E, 2 * Ip // 16, Hp // 2, 16), np.uint32)
+        self.d = np.zeros((E, Hp // 16, Ip // 2, 16), np.uint32)
+        self.gu_t = np.zeros((E, Hp // 16, Ip, 16), np.uint32)
+        self.d_t = np.zeros((E, Ip // 16, Hp // 2, 16), np.uint32)
+        pack_vnni(gate, self.gu, 0, 0)
+        pack_vnni(up, self.gu, Ip // 16, 0)
+        pack_vnni(down, self.d, 0, 0)
+        pack_vnni(gate.transpose(0, 2, 1), self.gu_t, 0, 0)
+        pack_vnni(up.transpose(0, 2, 1), self.gu_t, 0, Ip // 2)
+        pack_vnni(down.transpose(0, 2, 1), self.d_t, 0, 0)
+
+    @property
+    def nbytes(self):
+        return self.gu.nbytes + self.d.nbytes + self.gu_t.nbytes + self.d_t.nbytes
+
+
+class Workspace:
+    """Scratch of one call, sized for ``pairs`` rows; nothing in it outlives the call."""
+
+    def __init__(self, E, H, I, r, pairs):
+        Hp, Ip = padded(H), padded(I)
+        self.xs = np.zeros((pairs, Hp), np.uint16)
+        self.d32 = np.zeros((pairs, Hp), np.float32)       # forward d; backward grad_x per pair
+        self.G = np.zeros((pairs, Hp), np.float32)
+        self.G16 = np.zeros((pairs, Hp), np.uint16)
+        self.grad_h = np.zeros((pairs, Ip), np.float32)
+        self.dgu = np.zeros((pairs, 2 * Ip), np.float32)
+        self.dgu16 = np.zeros((pairs, 2 * Ip), np.uint16)
+        self.gb_d = np.zeros((pairs, r), np.float32)
+        self.gb_gu = np.zeros((pairs, 2 * r), np.float32)
+        # LoRA factors per active slot (fp32, padded), and their gradients
+        self.a_gu = np.zeros((E, 2 * r, Hp), np.float32)
+        self.bt_gu = np.zeros((E, r, 2 * Ip), np.float32)
+        self.a_d = np.zeros((E, r, Ip), np.float32)
+        self.bt_d = np.zeros((E, r, Hp), np.float32)
+        self.da_gu = np.zeros_like(self.a_gu)
+        self.dbt_gu = np.zeros_like(self.bt_gu)
+        self.da_d = np.zeros_like(self.a_d)
+        self.dbt_d = np.zeros_like(self.bt_d)
+
+    def arrays(self):
+        return [v for v in vars(self).values() if isinstance(v, np.ndarray)]
+
+
+def _load_lora(lora, cache, ws, Ip):
+    S = cache.n_active
+    load_a(lora.gate_a, cache.active, S, ws.a_gu, 0)
+    load_a(lora.up_a, cache.active, S, ws.a_gu, lora.rank)
+    load_bt(lora.gate_b, cache.active, S, ws.bt_gu, 0)
+    load_bt(lora.up_b, cache.active, S, ws.bt_gu, Ip)
+    load_a(lora.down_a, cache.active, S, ws.a_d, 0)
+    load_bt(lora.down_b, cache.active, S, ws.bt_d, 0)
+
+
+def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y):
+    """Run the forward of the module docstring; fills ``cache`` and ``y``.
+
+    x [T, H] uint16 (bf16 bits); topk_ids [T, k] int64; topk_weights [T, k] float32;
+    lora: ``None`` or an object with the six arrays (float32 or uint16), ``rank``
+    and ``scale``; y [T, H] uint16, written.
+    """
+    T, k = topk_ids.shape
+    Ip = cache.h.shape[1]
+    Hp = cache.d.shape[1]
+    cache.T = T
+    cache.topk_ids[:T] = topk_ids
+    cache.topk_weights[:T] = topk_weights
+    P, cache.n_active = route_pairs(cache.topk_ids[:T], cache.slot_of_expert, cache.offsets,
+                                    cache.order, cache.rows[:T], cache.row_slot, cache.active)
+    cache.P = P
+    if P == 0:
+        y[:] = 0
+        return
+    gather_rows(x, cache.order, k, P, ws.xs)
+    scale = np.float32(lora.scale if lora is not None else 0.0)
+    if lora is not None:
+        _load_lora(lora, cache, ws, Ip)
+        project(ws.xs, cache.row_slot, P, ws.a_gu, ws.xs.shape[1], cache.xa_gu)
+    tasks = make_tasks(cache.offsets, cache.slot_of_expert, 2 * Ip // TILE_N)
+    grouped_gemm(route, ws.xs.view(np.uint32), packed.gu, cache.offsets, cache.slot_of_expert, tasks,
+                 cache.xa_gu, ws.bt_gu, Ip, scale, _EMPTY_F32, cache.gu)
+    silu_mul(cache.gu, P, cache.h)
+    if lora is not None:
+        project(cache.h, cache.row_slot, P, ws.a_d, Ip, cache.xa_d)
+    tasks = make_tasks(cache.offsets, cache.slot_of_expert, Hp // TILE_N)
+    grouped_gemm(route, cache.h.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert, tasks,
+                 cache.xa_d, ws.bt_d, Hp, scale, ws.d32, cache.d)
+    combine_rows(cache.rows[:T], cache.topk_weights[:T], ws.d32, y)
+
+
+def backward(route, packed, lora, cache, ws, grad_y, grads):
+    """Run the backward of the module docstring from ``cache``; fills ``grads``.
+
+    grad_y [T, H] uint16; grads: an object with ``input`` [T, H] uint16 and
+    ``topk_weights`` [T, k] float32, and with LoRA, the six float32 gradients in
+    LoRA shapes, zero-initialised (idle experts get zeros).
+    """
+    T, P, S = cache.T, cache.P, cache.n_active
+    Ip = cache.h.shape[1]
+    Hp = cache.d.shape[1]
+    rows = cache.rows[:T]
+    pair_grads(grad_y, rows, cache.topk_weights[:T], cache.d, ws.G, ws.G16, grads.topk_weights)
+    if P == 0:
+        grads.input[:] = 0
+        return
+    scale = np.float32(lora.scale if lora is not None else 0.0)
+    if lora is not None:
+        _load_lora(lora, cache, ws, Ip)
+        project(ws.G, cache.row_slot, P, ws.bt_d, Hp, ws.gb_d)
+    tasks = make_tasks(cache.offsets, cache.slot_of_expert, Ip // TILE_N)
+    grouped_gemm(route, ws.G16.view(np.uint32), packed.d_t, cache.offsets, cache.slot_of_expert, tasks,
+                 ws.gb_d, ws.a_d, Ip, scale, ws.grad_h, _EMPTY_U16)
+    silu_mul_backward(ws.grad_h, cache.gu, P, ws.dgu, ws.dgu16)
+    if lora is not None:
+        project(ws.dgu, cache.row_slot, P, ws.bt_gu, Ip, ws.gb_gu)
+    tasks = make_tasks(cache.offsets, cache.slot_of_expert, Hp // TILE_N)
+    grouped_gemm(route, ws.dgu16.view(np.uint32), packed.gu_t, cache.offsets, cache.slot_of_expert, tasks,
+                 ws.gb_gu, ws.a_gu, Hp, scale, ws.d32, _EMPTY_U16)
+    combine_rows(rows, np.ones((T, rows.shape[1]), np.float32), ws.d32, grads.input)
+    if lora is None:
+        return
+    k = rows.shape[1]
+    gather_rows(cache.x[:T], cache.order, k, P, ws.xs)
+    outer(ws.gb_gu, ws.xs, cache.offsets, cache.active, S, Hp, ws.da_gu)
+    outer(cache.xa_gu, ws.dgu, cache.offsets, cache.active, S, Ip, ws.dbt_gu)
+    outer(ws.gb_d, cache.h, cache.offsets, cache.active, S, Ip, ws.da_d)
+    outer(cache.xa_d, ws.G, cache.offsets, cache.active, S, Hp, ws.dbt_d)
+    r = lora.rank
+    store_a(ws.da_gu, cache.active, S, 0, scale, grads.gate_a)
+    store_a(ws.da_gu, cache.active, S, r, scale, grads.up_a)
+    store_bt(ws.dbt_gu, cache.active, S, 0, scale, grads.gate_b)
+    store_bt(ws.dbt_gu, cache.active, S, Ip, scale, grads.up_b)
+    store_a(ws.da_d, cache.active, S, 0, scale, grads.down_a)
+    store_bt(ws.dbt_d, cache.active, S, 0, scale, grads.down_b)

@@ -1,0 +1,145 @@
+"""Expert-sorted routing: counting sort, gather, weighted combine and its gradient.
+
+Dataflow (forward)::
+
+    topk_ids [T, k] --route_pairs--> offsets [E+1], order [P], rows [T, k], row_slot [P]
+    x [T, H] --gather_rows(order)--> xs [P, Hp]          (expert order, zero pad)
+    d [P, Hp] fp32 --combine_rows(rows, w)--> y [T, H]   (sum over slots in fp32, one rounding)
+
+Backward::
+
+    grad_y [T, H], w, cached d [P, Hp] --pair_grads--> G = w * grad_y [P, Hp] (fp32 and bf16),
+                                                       grad_w [T, k] = <grad_y, d>
+    grad_x_pair [P, Hp] fp32 --combine_rows(rows, 1)--> grad_x [T, H]
+
+A pair is one (token t, slot j); it becomes row ``rows[t, j]`` of the expert-ordered
+buffers, ``-1`` for a skipped slot (``topk_ids == -1``), which is dropped here and
+never reaches a GEMM. Rows of expert ``e`` are ``offsets[e]:offsets[e+1]``, pairs
+in (t, j) order: the sort is stable, so every later sum has a fixed order.
+
+Determinism: ``combine_rows`` and ``pair_grads`` give each token to one thread,
+which sums its own slots in slot order; ``gather_rows`` writes each row once.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from ..config import JIT, JIT_PARALLEL
+from .simd import (LANES, bf16_to_f32, f32_to_bf16, vfma, vhsum, vload, vload_bf16, vsplat, vstore,
+                   vstore_bf16, vzero)
+
+
+@njit(**JIT)
+def route_pairs(ids, slot_of_expert, offsets, order, rows, row_slot, active):
+    """Counting sort of the (token, slot) pairs by expert; returns (P, S): routed pairs
+    and active experts.
+
+    ids [T, k] int64 in [-1, E). Fills offsets [E+1], order [P] (pair index t*k + j
+    per row), rows [T, k] (-1 for skipped slots), slot_of_expert [E] (index of expert
+    e among the active ones, -1 if idle), active [S] (its inverse) and row_slot [P].
+    """
+    T, k = ids.shape
+    E = offsets.shape[0] - 1
+    offsets[:] = 0
+    for t in range(T):
+        for j in range(k):
+            if ids[t, j] >= 0:
+                offsets[ids[t, j] + 1] += 1
+    S = 0
+    for e in range(E):
+        if offsets[e + 1] > 0:
+            slot_of_expert[e] = S
+            active[S] = e
+            S += 1
+        else:
+            slot_of_expert[e] = -1
+        offsets[e + 1] += offsets[e]
+    cursor = offsets[:E].copy()
+    for t in range(T):
+        for j in range(k):
+            e = ids[t, j]
+            if e < 0:
+                rows[t, j] = -1
+                continue
+            r = cursor[e]
+            cursor[e] += 1
+            order[r] = t * k + j
+            rows[t, j] = r
+            row_slot[r] = slot_of_expert[e]
+    return offsets[E], S
+
+
+@njit(**JIT_PARALLEL)
+def gather_rows(x, order, k, P, xs):
+    """xs[r, :H] = x[order[r] // k], zero pad: x [T, H] uint16 -> xs [>=P, Hp] uint16."""
+    H = x.shape[1]
+    for r in prange(P):
+        t = order[r] // k
+        xs[r, :H] = x[t]
+        xs[r, H:] = 0
+
+
+@njit(**JIT_PARALLEL)
+def combine_rows(rows, weights, src, out):
+    """out[t] = bf16(sum_j weights[t, j] * src[rows[t, j], :H]) over j with rows >= 0.
+
+    rows [T, k] int64; weights [T, k] float32; src [>=P, Np] float32; out [T, H] uint16.
+    """
+    T, k = rows.shape
+    H = out.shape[1]
+    ld = src.shape[1]
+    body = H - H % LANES
+    for t in prange(T):
+        for c in range(0, body, LANES):
+            acc = vzero()
+            for j in range(k):
+                r = rows[t, j]
+                if r >= 0:
+                    acc = vfma(vsplat(weights[t, j]), vload(src, r * ld + c), acc)
+            vstore_bf16(out, t * H + c, acc)
+        for c in range(body, H):
+            s = np.float32(0.0)
+            for j in range(k):
+                r = rows[t, j]
+                if r >= 0:
+                    s += weights[t, j] * src[r, c]
+            out[t, c] = f32_to_bf16(s)
+
+
+@njit(**JIT_PARALLEL)
+def pair_grads(grad_y, rows, weights, d, G, G16, grad_w):
+    """Gradient of the combine: G[r] = w[t, j] * grad_y[t], grad_w[t, j] = <grad_y[t], d[r]>.
+
+    grad_y [T, H] uint16; rows [T, k]; weights [T, k] float32; d [>=P, Hp] uint16
+    (cached bf16 expert outputs); G [>=P, Hp] float32 (for the LoRA products) and G16
+    [>=P, Hp] uint16 (its bf16 rounding, the operand of the base-weight GEMM), pads
+    zeroed; grad_w [T, k] float32 (0 for skipped slots).
+    """
+    T, k = rows.shape
+    H = grad_y.shape[1]
+    ld = d.shape[1]
+    body = H - H % LANES
+    for t in prange(T):
+        for j in range(k):
+            r = rows[t, j]
+            if r < 0:
+                grad_w[t, j] = 0.0
+                continue
+            w = vsplat(weights[t, j])
+            dot = vzero()
+            for c in range(0, body, LANES):
+                gy = vload_bf16(grad_y, t * H + c)
+                dot = vfma(gy, vload_bf16(d, r * ld + c), dot)
+                g = vfma(w, gy, vzero())
+                vstore(G, r * ld + c, g)
+                vstore_bf16(G16, r * ld + c, g)
+            s = np.float32(0.0)
+            for c in range(body, H):
+                gy_c = bf16_to_f32(grad_y[t, c])
+                s += gy_c * bf16_to_f32(d[r, c])
+                G[r, c] = weights[t, j] * gy_c
+                G16[r, c] = f32_to_bf16(G[r, c])
+            G[r, H:] = 0
+            G16[r, H:] = 0
+            grad_w[t, j] = vhsum(dot) + s
+

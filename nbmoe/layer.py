@@ -1,0 +1,197 @@
+"""``MoELayer``: the public contract of DESIGN.md section 1.
+
+The layer validates every argument before any work, packs the base weights once,
+owns the forward caches and the scratch, and runs ``kernels.moe`` on its route.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import checks
+from .cache import CacheEmptyError, CacheStack, ForwardCache
+from .kernels import moe
+from .kernels.isa import choose_route
+
+WEIGHT_FORMATS = ("bf16", "int8", "int4_awq", "int4_k2")
+
+
+@dataclass(eq=False)
+class LoRAWeights:
+    """LoRA adapters on the gate, up and down projections of every expert.
+
+    gate_a, up_a [E, r, H]; gate_b, up_b [E, I, r]; down_a [E, r, I]; down_b [E, H, r];
+    float32 or bfloat16, any strides. ``P(x) = W x + (alpha / r) * B (A x)``.
+    The layer holds these arrays by reference and reads them on every call: an
+    in-place update (an optimizer step) is seen by the next forward.
+    """
+
+    gate_a: np.ndarray
+    gate_b: np.ndarray
+    up_a: np.ndarray
+    up_b: np.ndarray
+    down_a: np.ndarray
+    down_b: np.ndarray
+    alpha: float = 32.0
+
+
+@dataclass(eq=False)
+class MoEGrads:
+    """What ``MoELayer.backward`` returns.
+
+    input [T, H] bfloat16; topk_weights [T, k] float32; the six LoRA gradients float32
+    in LoRA shapes (zero for experts no token reached), or None without LoRA.
+    """
+
+    input: np.ndarray
+    topk_weights: np.ndarray
+    gate_a: np.ndarray = None
+    gate_b: np.ndarray = None
+    up_a: np.ndarray = None
+    up_b: np.ndarray = None
+    down_a: np.ndarray = None
+    down_b: np.ndarray = None
+
+
+class _LoRAView:
+    """The validated LoRA arrays of one call (float32, or bf16 as uint16 views)."""
+
+    def __init__(self, arrays, rank, alpha):
+        for name, arr in arrays.items():
+            setattr(self, name, arr)
+        self.rank = rank
+        self.scale = alpha / rank
+
+
+class MoELayer:
+    """The routed experts of one MoE layer, with optional LoRA, forward and backward.
+
+    gate_proj, up_proj [E, I, H]; down_proj [E, H, I]: bfloat16 (or float32, rounded).
+    ``Expert_e(x) = D_e(silu(G_e x) * U_e x)``; ``y[t] = sum_j w[t, j] Expert_{ids[t, j]}(x[t])``.
+
+    max_tokens bounds T per call; cache_depth is how many forwards may be saved for
+    backward at once. Buffers are sized ``max_tokens * k`` at the first forward (its
+    ``topk_ids`` fixes k for the layer's lifetime); their pages are committed only as
+    far as calls use them.
+    """
+
+    def __init__(self, gate_proj, up_proj, down_proj, lora=None, weight_format="bf16",
+                 group_size=128, tp=1, max_tokens=4096, cache_depth=1):
+        checks.choice("weight_format", weight_format, WEIGHT_FORMATS)
+        checks.integer("group_size", group_size, 1)
+        tp = checks.integer("tp", tp, 1)
+        self.max_tokens = checks.integer("max_tokens", max_tokens, 1)
+        self.cache_depth = checks.integer("cache_depth", cache_depth, 0)
+        gate = checks.bf16_bits("gate_proj", gate_proj, (None, None, None), "(E, I, H)")
+        E, I, H = gate.shape
+        if min(E, I, H) < 1:
+            raise ValueError(f"gate_proj: expected E, I, H >= 1, got shape {gate.shape}")
+        up = checks.bf16_bits("up_proj", up_proj, (E, I, H), "(E, I, H)")
+        down = checks.bf16_bits("down_proj", down_proj, (E, H, I), "(E, H, I)")
+        if weight_format != "bf16":
+            raise NotImplementedError(f"weight_format={weight_format!r}: quantized base weights "
+                                      f"are not implemented in this version; use 'bf16'")
+        if tp != 1:
+            raise NotImplementedError(f"tp={tp}: tensor parallelism is not implemented in this "
+                                      f"version; use tp=1")
+        self.num_experts, self.intermediate_size, self.hidden_size = E, I, H
+        self.weight_format = weight_format
+        self.tp = tp
+        if lora is not None and not isinstance(lora, LoRAWeights):
+            raise TypeError(f"lora: expected nbmoe.LoRAWeights or None, got {type(lora).__qualname__}")
+        self._lora = lora
+        self.rank = None                   # fixed by the first read of the LoRA arrays
+        self.rank = 0 if lora is None else self._lora_view().rank
+        self.route = choose_route()
+        self._packed = moe.PackedWeights(gate, up, down)
+        self._k = None
+        self._stack = None
+
+    @property
+    def lora(self):
+        return self._lora
+
+    @property
+    def saved(self):
+        """How many forwards are saved, awaiting backward."""
+        return 0 if self._stack is None else len(self._stack)
+
+    def _lora_view(self):
+        lo = self._lora
+        if lo is None:
+            return None
+        E, I, H = self.num_experts, self.intermediate_size, self.hidden_size
+        gate_a = checks.lora_array("lora.gate_a", lo.gate_a, (E, self.rank, H), "(E, r, H)")
+        r = gate_a.shape[1]
+        if r < 1:
+            raise ValueError(f"lora.gate_a: expected rank r >= 1, got shape {gate_a.shape}")
+        arrays = dict(
+            gate_a=gate_a,
+            gate_b=checks.lora_array("lora.gate_b", lo.gate_b, (E, I, r), "(E, I, r)"),
+            up_a=checks.lora_array("lora.up_a", lo.up_a, (E, r, H), "(E, r, H)"),
+            up_b=checks.lora_array("lora.up_b", lo.up_b, (E, I, r), "(E, I, r)"),
+            down_a=checks.lora_array("lora.down_a", lo.down_a, (E, r, I), "(E, r, I)"),
+            down_b=checks.lora_array("lora.down_b", lo.down_b, (E, H, r), "(E, H, r)"))
+        return _LoRAView(arrays, r, checks.finite_real("lora.alpha", lo.alpha))
+
+    def _buffers(self, k):
+        if self._k is None:
+            E, I, H, r = self.num_experts, self.intermediate_size, self.hidden_size, self.rank
+            self._stack = CacheStack(self.cache_depth,
+                                     lambda: ForwardCache(E, H, I, r, self.max_tokens, k))
+            self._scratch = ForwardCache(E, H, I, r, self.max_tokens, k)
+            self._ws = moe.Workspace(E, H, I, r, self.max_tokens * k)
+            self._k = k
+        elif k != self._k:
+            raise ValueError(f"topk_ids: expected k = {self._k} slots per token (the k of this "
+                             f"layer's first forward, which sized its buffers), got {k}")
+
+    def forward(self, x, topk_ids, topk_weights, save_for_backward=False):
+        """y [T, H] bfloat16 from x [T, H] bfloat16 (or float32), topk_ids [T, k]
+        int32/int64 (-1 = skipped slot), topk_weights [T, k] float32.
+
+        With ``save_for_backward`` the forward is pushed onto the cache stack
+        (``CacheOverflowError`` if full, raised before anything is written).
+        """
+        x16 = checks.bf16_bits("x", x, (None, self.hidden_size), "(T, H)")
+        T = x16.shape[0]
+        if T > self.max_tokens:
+            raise ValueError(f"x: {T} tokens exceed max_tokens = {self.max_tokens}; construct "
+                             f"the layer with a larger max_tokens or split the call")
+        ids = checks.topk_ids(topk_ids, T, self.num_experts)
+        weights = checks.topk_weights(topk_weights, ids.shape)
+        if not isinstance(save_for_backward, (bool, np.bool_)):
+            raise TypeError(f"save_for_backward: expected a bool, got "
+                            f"{type(save_for_backward).__qualname__}")
+        lora = self._lora_view()
+        self._buffers(ids.shape[1])
+        cache = self._stack.reserve() if save_for_backward else self._scratch
+        if save_for_backward:
+            cache.x[:T] = x16
+        y = np.empty((T, self.hidden_size), np.uint16)
+        moe.forward(self.route, self._packed, lora, x16, ids, weights, cache, self._ws, y)
+        if save_for_backward:
+            self._stack.push(cache)
+        return y.view(checks.BF16)
+
+    def backward(self, grad_y):
+        """Gradients of the newest saved forward (popped) from grad_y [T, H] bfloat16.
+
+        Returns ``MoEGrads``; raises ``CacheEmptyError`` if no forward is saved.
+        """
+        if self._stack is None:
+            raise CacheEmptyError("backward: no saved forward; call forward(..., "
+                                  "save_for_backward=True) first")
+        cache = self._stack.peek()
+        T, k = cache.T, self._k
+        gy = checks.bf16_bits("grad_y", grad_y, (T, self.hidden_size), "(T, H)")
+        lora = self._lora_view()
+        grads = MoEGrads(input=np.empty((T, self.hidden_size), np.uint16),
+                         topk_weights=np.empty((T, k), np.float32))
+        if lora is not None:
+            for name in ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b"):
+                setattr(grads, name, np.zeros(getattr(lora, name).shape, np.float32))
+        moe.backward(self.route, self._packed, lora, cache, self._ws, gy, grads)
+        self._stack.pop()
+        grads.input = grads.input.view(checks.BF16)
+        return grads

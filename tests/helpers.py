@@ -1,0 +1,102 @@
+"""Test data at realistic scale and the error metric of DESIGN.md section 9."""
+
+import ml_dtypes
+import numpy as np
+
+import nbmoe
+from nbmoe import reference
+
+BF16 = ml_dtypes.bfloat16
+FORWARD_BOUND = 0.01
+GRAD_BOUND = 0.02
+GRAD_NAMES = ("input", "topk_weights", "gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+
+
+def rel(got, ref):
+    """mean|got - ref| / mean|ref|; 0 when both are exactly zero (an all-skipped batch)."""
+    got = np.asarray(got).astype(np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    if got.size == 0:
+        return 0.0
+    scale = np.abs(ref).mean()
+    if scale == 0.0:
+        return 0.0 if not np.any(got) else np.inf
+    return float(np.abs(got - ref).mean() / scale)
+
+
+class Problem:
+    """One MoE layer problem: base weights ~ 1/sqrt(fan_in), inputs ~ 1 (invariant 4)."""
+
+    def __init__(self, seed, E, k, H, I, r=0, T=8, lora_dtype=np.float32, skip=0.0,
+                 duplicates=True, alpha=None):
+        rng = np.random.default_rng(seed)
+        self.E, self.k, self.H, self.I, self.r, self.T = E, k, H, I, r, T
+
+        def normal(shape, scale, dtype=BF16):
+            return (rng.standard_normal(shape) * scale).astype(np.float32).astype(dtype)
+
+        self.gate = normal((E, I, H), H ** -0.5)
+        self.up = normal((E, I, H), H ** -0.5)
+        self.down = normal((E, H, I), I ** -0.5)
+        self.lora = None
+        if r:
+            self.lora = nbmoe.LoRAWeights(
+                gate_a=normal((E, r, H), H ** -0.5, lora_dtype),
+                gate_b=normal((E, I, r), r ** -0.5, lora_dtype),
+                up_a=normal((E, r, H), H ** -0.5, lora_dtype),
+                up_b=normal((E, I, r), r ** -0.5, lora_dtype),
+                down_a=normal((E, r, I), I ** -0.5, lora_dtype),
+                down_b=normal((E, H, r), r ** -0.5, lora_dtype),
+                alpha=float(r) if alpha is None else alpha)
+        self.x = normal((T, H), 1.0)
+        if duplicates or k > E:
+            ids = rng.integers(0, E, (T, k))
+        else:
+            ids = np.argsort(rng.random((T, E)), axis=1)[:, :k]
+        ids[rng.random((T, k)) < skip] = -1
+        self.topk_ids = ids.astype(np.int64)
+        self.topk_weights = rng.dirichlet(np.ones(k), size=T).astype(np.float32) if T else \
+            np.zeros((0, k), np.float32)
+        self.grad_y = normal((T, H), 1.0)
+
+    def layer(self, **kwargs):
+        return nbmoe.MoELayer(self.gate, self.up, self.down, lora=self.lora, **kwargs)
+
+    def reference(self):
+        """(y, grads) of the float64 oracle."""
+        y, saved = reference.forward(self.x, self.topk_ids, self.topk_weights, self.gate, self.up,
+                                     self.down, self.lora)
+        return y, reference.backward(saved, self.grad_y)
+
+    def run(self, layer=None, **kwargs):
+        """(y, grads) of the layer: one saved forward, one backward."""
+        layer = self.layer(**kwargs) if layer is None else layer
+        y = layer.forward(self.x, self.topk_ids, self.topk_weights, save_for_backward=True)
+        return y, layer.backward(self.grad_y)
+
+
+def errors(problem, y, grads, ref=None):
+    """{name: rel error} for the output and every gradient."""
+    ref_y, ref_g = problem.reference() if ref is None else ref
+    out = {"y": rel(y, ref_y)}
+    for name in GRAD_NAMES:
+        if name in ref_g:
+            out[name] = rel(getattr(grads, name), ref_g[name])
+    return out
+
+
+def assert_close(problem, y, grads, ref=None):
+    errs = errors(problem, y, grads, ref)
+    bad = {n: e for n, e in errs.items() if e > (FORWARD_BOUND if n == "y" else GRAD_BOUND)}
+    assert not bad, f"rel errors over bound: {bad} (all: {errs})"
+    return errs
+
+
+def assert_fp32_sums(got, ref, magnitude, terms):
+    """A float32 accumulation of ``terms`` products: |got - ref| <= terms * 2^-24 * sum|product|
+    (the classic worst-case bound; relative error is meaningless where a sum cancels)."""
+    bound = terms * 2.0 ** -24 * np.asarray(magnitude, np.float64) + 1e-30
+    err = np.abs(np.asarray(got, np.float64) - ref)
+    assert np.all(err <= bound), f"max err/bound {np.max(err / bound):.3g}"

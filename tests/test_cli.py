@@ -1,0 +1,29 @@
+"""The command line: run (the main job, at a small size) and info."""
+
+import subprocess
+import sys
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "nbmoe", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_run_small_layer_checks_against_reference():
+    done = _run("run", "-E", "8", "-k", "2", "-H", "64", "-I", "48", "-r", "4", "-T", "24", "--steps", "2")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "route generic" in out and "GFLOP/s" in out and "tokens/s" in out
+    assert "check: 8 sampled tokens vs float64 reference" in out and out.rstrip().endswith("OK")
+    assert "steps [" in done.stderr                    # the progress bar
+
+
+def test_info_prints_route_and_threads():
+    done = _run("info")
+    assert done.returncode == 0, done.stderr
+    for key in ("route ", "features", "threading_layer", "threads"):
+        assert key in done.stdout
+
+
+def test_bad_flag_is_a_usage_error():
+    done = _run("run", "--experts", "many")
+    assert done.returncode == 2 and "invalid int value" in done.stderr

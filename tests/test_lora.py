@@ -1,0 +1,69 @@
+"""LoRA kernels: factor loads and gradient stores, projections and outer products."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nbmoe.kernels.lora import OUTER_COLS, load_a, load_bt, outer, project, store_a, store_bt
+from helpers import BF16, assert_fp32_sums
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+def test_loads_and_stores_mirror(dtype):
+    rng = np.random.default_rng(0)
+    E, R, K = 5, 3, 20
+    active = np.array([4, 1, 0, 0, 0])
+    a = rng.standard_normal((E, R, K)).astype(dtype)
+    src = a.view(np.uint16) if dtype == BF16 else a
+    factors = np.zeros((E, 2 * R, 32), np.float32)
+    load_a(src, active, 2, factors, R)
+    assert np.array_equal(factors[:2, R:, :K], a[[4, 1]].astype(np.float32)) and not np.any(factors[:2, :R])
+    out = np.zeros((E, R, K), np.float32)
+    store_a(factors, active, 2, R, np.float32(2), out)
+    assert np.array_equal(out[[4, 1]], 2 * a[[4, 1]].astype(np.float32)) and not np.any(out[[0, 2, 3]])
+
+    b = rng.standard_normal((E, K, R)).astype(dtype)
+    src = b.view(np.uint16) if dtype == BF16 else b
+    factors = np.zeros((E, R, 64), np.float32)
+    load_bt(src, active, 2, factors, 32)
+    assert np.array_equal(factors[:2, :, 32:32 + K], b[[4, 1]].astype(np.float32).transpose(0, 2, 1))
+    out = np.zeros((E, K, R), np.float32)
+    store_bt(factors, active, 2, 32, np.float32(1), out)
+    assert np.array_equal(out[[4, 1]], b[[4, 1]].astype(np.float32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.sampled_from([1, 2]), st.integers(1, 6), st.sampled_from([np.float32, BF16]),
+       st.integers(0, 2**31 - 1))
+def test_project_and_outer(S, groups, R, m_dtype, seed):
+    rng = np.random.default_rng(seed)
+    group = OUTER_COLS * int(rng.integers(1, 3))
+    W = groups * group
+    counts = rng.integers(1, 6, S)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    active = np.arange(S)
+    P = int(offsets[-1])
+    row_slot = np.repeat(np.arange(S), counts)
+    m = rng.standard_normal((P, W)).astype(m_dtype)
+    m_arg = m.view(np.uint16) if m_dtype == BF16 else m
+    m64 = m.astype(np.float64)
+    f = rng.standard_normal((S, R, W)).astype(np.float32)
+    out = np.zeros((P, groups * R), np.float32)
+    project(m_arg, row_slot, P, f, group, out)
+    for r in range(P):
+        for g in range(groups):
+            cols = slice(g * group, (g + 1) * group)
+            fs = f[row_slot[r], :, cols].astype(np.float64)
+            assert_fp32_sums(out[r, g * R:(g + 1) * R], fs @ m64[r, cols], np.abs(fs) @ np.abs(m64[r, cols]), group)
+
+    v = rng.standard_normal((P, groups * R)).astype(np.float32)
+    acc = np.zeros((S, R, W), np.float32)
+    outer(v, m_arg, offsets, active, S, group, acc)
+    for s in range(S):
+        rows = slice(offsets[s], offsets[s + 1])
+        for g in range(groups):
+            cols = slice(g * group, (g + 1) * group)
+            vs = v[rows, g * R:(g + 1) * R].astype(np.float64)
+            assert_fp32_sums(acc[s, :, cols], vs.T @ m64[rows, cols], np.abs(vs).T @ np.abs(m64[rows, cols]),
+                             counts[s])

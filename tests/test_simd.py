@@ -1,0 +1,90 @@
+"""The SIMD layer: bf16 rounding and widening, VNNI pair widening, FMA, ordered sums."""
+
+import ml_dtypes
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import njit
+
+from nbmoe.kernels.simd import (bf16_to_f32, f32_to_bf16, vfma, vhsum, vload, vload_bf16, vload_u32, vpair_hi,
+                                vpair_lo, vsplat, vstore, vstore_bf16, vzero)
+
+
+@njit
+def _round_vector(x, out):
+    for i in range(0, x.size, 16):
+        vstore_bf16(out, i, vload(x, i))
+
+
+@njit
+def _round_scalar(x, out):
+    for i in range(x.size):
+        out[i] = f32_to_bf16(x[i])
+
+
+@njit
+def _widen(bits, vec_out, scalar_out):
+    for i in range(0, bits.size, 16):
+        vstore(vec_out, i, vload_bf16(bits, i))
+    for i in range(bits.size):
+        scalar_out[i] = bf16_to_f32(bits[i])
+
+
+def _specials():
+    ulp = np.float32(2.0 ** -7)
+    values = [0.0, -0.0, 1.0, 1 + ulp / 2, 1 + 3 * ulp / 2, -(1 + ulp / 2), 3.3895e38, 3.4e38, -3.4e38,
+              np.inf, -np.inf, 1e-40, -1e-45, 2.0 ** -126, 65504.0, np.nan]
+    return np.array(values + [0.0] * (32 - len(values)), np.float32)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=16, max_size=16))
+def test_bf16_rounding_matches_ml_dtypes(patterns):
+    x = np.concatenate([np.array(patterns, np.uint32).view(np.float32), _specials()])
+    expected = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    for round_fn in (_round_vector, _round_scalar):
+        got = np.empty(x.size, np.uint16)
+        round_fn(x, got)
+        nan = np.isnan(x)
+        assert np.array_equal(got[~nan], expected[~nan])
+        # NaN stays NaN, quiet, sign kept
+        assert np.all((got[nan] & 0x7F80) == 0x7F80) and np.all(got[nan] & 0x0040)
+        assert np.array_equal(got[nan] >> 15, x[nan].view(np.uint32) >> 31)
+
+
+def test_bf16_widening_is_exact():
+    bits = np.arange(0, 1 << 16, 7, dtype=np.uint16)[:9344]
+    vec, scalar = np.empty(bits.size, np.float32), np.empty(bits.size, np.float32)
+    _widen(bits, vec, scalar)
+    expected = bits.view(ml_dtypes.bfloat16).astype(np.float32)
+    same = lambda a: np.array_equal(a.view(np.uint32), expected.view(np.uint32))
+    assert same(vec) and same(scalar)
+
+
+@njit
+def _pair_dot(a_pairs, w, out):
+    # out[j] = sum_p lo(a_p) lo(w[p, j]) + hi(a_p) hi(w[p, j]): the generic micro-kernel's step
+    acc = vzero()
+    for p in range(a_pairs.size):
+        wv = vload_u32(w, p * 16)
+        lo = vsplat(bf16_to_f32(a_pairs[p] & 0xFFFF))
+        hi = vsplat(bf16_to_f32(a_pairs[p] >> 16))
+        acc = vfma(hi, vpair_hi(wv), vfma(lo, vpair_lo(wv), acc))
+    vstore(out, 0, acc)
+    return vhsum(acc)
+
+
+def test_vnni_pair_widening_and_fma():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(10).astype(ml_dtypes.bfloat16)               # 5 pairs
+    w = rng.standard_normal((10, 16)).astype(ml_dtypes.bfloat16)         # [K, N]
+    w_pairs = w.view(np.uint16).reshape(5, 2, 16).transpose(0, 2, 1).copy().view(np.uint32)[..., 0]
+    out = np.empty(16, np.float32)
+    total = _pair_dot(a.view(np.uint32), w_pairs.ravel(), out)
+    expected = a.astype(np.float64) @ w.astype(np.float64)
+    assert np.allclose(out, expected, rtol=1e-6, atol=1e-6)
+    # the lane sum is ordered: lane 0 first, float32 throughout
+    ordered = np.float32(0)
+    for v in out:
+        ordered = np.float32(ordered + v)
+    assert total == ordered
