@@ -3,7 +3,10 @@ machine's ceilings, and a side-by-side timing of both, in one process, same thre
 
 The baseline is what transformers runs for a MoE block with PEFT-style LoRA: a Python
 loop over the experts hit, ``index_add_`` of the weighted outputs, bf16 throughout,
-backward through torch autograd. torch is imported only by the functions that need it.
+backward through torch autograd. Both sides time the steady state of a training loop:
+torch accumulates LoRA gradients into its ``.grad`` tensors, nbmoe into the arrays of
+an earlier backward (``accumulate_into``). torch is imported only by the functions
+that need it.
 """
 
 import time
@@ -193,9 +196,12 @@ def side_by_side(gate, up, down, lora, tokens, repeat=3, max_tokens=None):
         def nb_fwd():
             layer.forward(x, ids, weights)
 
+        layer.forward(x, ids, weights, save_for_backward=True)
+        held = layer.backward(grad_y)
+
         def nb_step():
             layer.forward(x, ids, weights, save_for_backward=True)
-            layer.backward(grad_y)
+            layer.backward(grad_y, accumulate_into=held if lora is not None else None)
 
         tx = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
         tg = torch.from_numpy(grad_y.view(np.int16)).view(torch.bfloat16)

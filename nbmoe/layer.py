@@ -14,6 +14,7 @@ from .kernels import moe
 from .kernels.isa import choose_route
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4_awq", "int4_k2")
+_LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 
 
 @dataclass(eq=False)
@@ -51,6 +52,17 @@ class MoEGrads:
     up_b: np.ndarray = None
     down_a: np.ndarray = None
     down_b: np.ndarray = None
+
+
+def _accumulator(holder, name, shape):
+    """The float32 array of ``holder`` (an MoEGrads) that a LoRA gradient is added into."""
+    if not isinstance(holder, MoEGrads):
+        raise TypeError(f"accumulate_into: expected nbmoe.MoEGrads, got {type(holder).__qualname__}")
+    arr = checks.ndarray(f"accumulate_into.{name}", getattr(holder, name))
+    if arr.dtype != np.float32:
+        raise TypeError(f"accumulate_into.{name}: expected dtype float32, got {arr.dtype}")
+    checks.shape(f"accumulate_into.{name}", arr, shape, "(the LoRA array's shape)")
+    return arr
 
 
 class _LoRAView:
@@ -174,10 +186,15 @@ class MoELayer:
             self._stack.push(cache)
         return y.view(checks.BF16)
 
-    def backward(self, grad_y):
+    def backward(self, grad_y, accumulate_into=None):
         """Gradients of the newest saved forward (popped) from grad_y [T, H] bfloat16.
 
         Returns ``MoEGrads``; raises ``CacheEmptyError`` if no forward is saved.
+        ``accumulate_into``: an ``MoEGrads`` (e.g. an earlier result) whose six LoRA
+        arrays (float32, LoRA shapes) the LoRA gradients are added into, in place -
+        gradient accumulation over micro-batches without allocating; the returned
+        ``MoEGrads`` holds those same arrays. Without it the LoRA gradients are new
+        arrays.
         """
         if self._stack is None:
             raise CacheEmptyError("backward: no saved forward; call forward(..., "
@@ -188,10 +205,14 @@ class MoELayer:
         lora = self._lora_view()
         grads = MoEGrads(input=np.empty((T, self.hidden_size), np.uint16),
                          topk_weights=np.empty((T, k), np.float32))
-        if lora is not None:
-            for name in ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b"):
-                setattr(grads, name, np.zeros(getattr(lora, name).shape, np.float32))
-        moe.backward(self.route, self._packed, lora, cache, self._ws, gy, grads)
+        if lora is None and accumulate_into is not None:
+            raise ValueError("accumulate_into: this layer has no LoRA, so no gradient to accumulate")
+        for name in _LORA_NAMES if lora is not None else ():
+            shape = getattr(lora, name).shape
+            setattr(grads, name, np.zeros(shape, np.float32) if accumulate_into is None
+                    else _accumulator(accumulate_into, name, shape))
+        moe.backward(self.route, self._packed, lora, cache, self._ws, gy, grads,
+                     accumulate_into is not None)
         self._stack.pop()
         grads.input = grads.input.view(checks.BF16)
         return grads

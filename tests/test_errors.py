@@ -166,3 +166,24 @@ def test_unavailable_route_is_a_clear_error(problem, monkeypatch):
     monkeypatch.setenv("NBMOE_ISA", "sse9")
     with pytest.raises(RuntimeError, match=r"NBMOE_ISA='sse9': expected one of"):
         _construct(problem)
+
+
+def test_accumulate_into_errors_leave_caches_intact(problem, layer):
+    _saved_forward(layer, problem)
+    held = layer.backward(problem.grad_y)
+    _saved_forward(layer, problem)
+    for bad, error, message in [
+            ({"gate_a": 1}, TypeError, r"accumulate_into: expected nbmoe.MoEGrads, got dict"),
+            (nbmoe.MoEGrads(held.input, held.topk_weights, held.gate_a.astype(np.float64), held.gate_b,
+                            held.up_a, held.up_b, held.down_a, held.down_b),
+             TypeError, r"accumulate_into.gate_a: expected dtype float32, got float64"),
+            (nbmoe.MoEGrads(held.input, held.topk_weights, held.gate_a, held.gate_b[:, :3],
+                            held.up_a, held.up_b, held.down_a, held.down_b),
+             ValueError, r"accumulate_into.gate_b: expected shape .* = \(4, 24, 2\), got \(4, 3, 2\)")]:
+        with pytest.raises(error, match=message):
+            layer.backward(problem.grad_y, accumulate_into=bad)
+        assert layer.saved == 1
+    no_lora = Problem(seed=0, E=E, k=K, H=H, I=I, r=0, T=T).layer(max_tokens=8)
+    _saved_forward(no_lora, problem)
+    with pytest.raises(ValueError, match="accumulate_into: this layer has no LoRA"):
+        no_lora.backward(problem.grad_y, accumulate_into=held)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbmoe.kernels.lora import OUTER_COLS, load_a, load_bt, outer, project, store_a, store_bt
+from nbmoe.kernels.lora import OUTER_COLS, load_a, load_bt, outer, project, row_blocks, store_a, store_bt
 from helpers import BF16, assert_fp32_sums
 
 
@@ -20,16 +20,20 @@ def test_loads_and_stores_mirror(dtype):
     load_a(src, active, 2, factors, R)
     assert np.array_equal(factors[:2, R:, :K], a[[4, 1]].astype(np.float32)) and not np.any(factors[:2, :R])
     out = np.zeros((E, R, K), np.float32)
-    store_a(factors, active, 2, R, np.float32(2), out)
+    store_a(factors, active, 2, R, np.float32(2), False, out)
     assert np.array_equal(out[[4, 1]], 2 * a[[4, 1]].astype(np.float32)) and not np.any(out[[0, 2, 3]])
+    store_a(factors, active, 2, R, np.float32(1), True, out)
+    assert np.array_equal(out[[4, 1]], 3 * a[[4, 1]].astype(np.float32)) and not np.any(out[[0, 2, 3]])
 
     b = rng.standard_normal((E, K, R)).astype(dtype)
     src = b.view(np.uint16) if dtype == BF16 else b
     factors = np.zeros((E, R, 64), np.float32)
     load_bt(src, active, 2, factors, 32)
     assert np.array_equal(factors[:2, :, 32:32 + K], b[[4, 1]].astype(np.float32).transpose(0, 2, 1))
-    out = np.zeros((E, K, R), np.float32)
-    store_bt(factors, active, 2, 32, np.float32(1), out)
+    out = np.ones((E, K, R), np.float32)
+    store_bt(factors, active, 2, 32, np.float32(1), True, out)
+    assert np.array_equal(out[[4, 1]], 1 + b[[4, 1]].astype(np.float32)) and np.all(out[[0, 2, 3]] == 1)
+    store_bt(factors, active, 2, 32, np.float32(1), False, out)
     assert np.array_equal(out[[4, 1]], b[[4, 1]].astype(np.float32))
 
 
@@ -50,7 +54,7 @@ def test_project_and_outer(S, groups, R, m_dtype, seed):
     m64 = m.astype(np.float64)
     f = rng.standard_normal((S, R, W)).astype(np.float32)
     out = np.zeros((P, groups * R), np.float32)
-    project(m_arg, row_slot, P, f, group, out)
+    project(m_arg, offsets, row_slot, row_blocks(offsets, active, S), f, group, out)
     for r in range(P):
         for g in range(groups):
             cols = slice(g * group, (g + 1) * group)

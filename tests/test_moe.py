@@ -161,3 +161,18 @@ def test_moe_lora_held_by_reference_and_strided_views():
     layer = problem.layer(max_tokens=8)
     assert_close(problem, *problem.run(layer))
     assert problem.lora.gate_b.base is wide
+
+
+def test_moe_accumulate_into_adds_lora_gradients_in_place():
+    first = Problem(seed=14, E=5, k=2, H=48, I=32, r=4, T=8)
+    second = Problem(seed=15, E=5, k=2, H=48, I=32, r=4, T=6)
+    second.gate, second.up, second.down, second.lora = first.gate, first.up, first.down, first.lora
+    layer = first.layer(max_tokens=8)
+    g1 = first.run(layer)[1]
+    expected = {n: getattr(g1, n) + getattr(second.run(layer)[1], n) for n in LORA_NAMES}
+    held = {n: getattr(g1, n) for n in LORA_NAMES}
+    layer.forward(second.x, second.topk_ids, second.topk_weights, save_for_backward=True)
+    g2 = layer.backward(second.grad_y, accumulate_into=g1)
+    for name in LORA_NAMES:
+        assert getattr(g2, name) is held[name]          # the same arrays, added into
+        assert np.allclose(held[name], expected[name], rtol=1e-6, atol=1e-7)

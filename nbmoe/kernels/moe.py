@@ -39,7 +39,7 @@ import numpy as np
 
 from .activation import silu_mul, silu_mul_backward
 from .gemm import TILE_N, grouped_gemm, make_tasks, pack_vnni, padded
-from .lora import load_a, load_bt, outer, project, store_a, store_bt
+from .lora import load_a, load_bt, outer, project, row_blocks, store_a, store_bt
 from .routing import combine_rows, gather_rows, pair_grads, route_pairs
 
 _EMPTY_F32 = np.zeros((0, 0), np.float32)
@@ -135,25 +135,27 @@ def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y):
     scale = np.float32(lora.scale if lora is not None else 0.0)
     if lora is not None:
         _load_lora(lora, cache, ws, Ip)
-        project(ws.xs, cache.row_slot, P, ws.a_gu, ws.xs.shape[1], cache.xa_gu)
+        rows = row_blocks(cache.offsets, cache.active, cache.n_active)
+        project(ws.xs, cache.offsets, cache.row_slot, rows, ws.a_gu, Hp, cache.xa_gu)
     tasks = make_tasks(cache.offsets, cache.slot_of_expert, 2 * Ip // TILE_N)
     grouped_gemm(route, ws.xs.view(np.uint32), packed.gu, cache.offsets, cache.slot_of_expert, tasks,
                  cache.xa_gu, ws.bt_gu, Ip, scale, _EMPTY_F32, cache.gu)
     silu_mul(cache.gu, P, cache.h)
     if lora is not None:
-        project(cache.h, cache.row_slot, P, ws.a_d, Ip, cache.xa_d)
+        project(cache.h, cache.offsets, cache.row_slot, rows, ws.a_d, Ip, cache.xa_d)
     tasks = make_tasks(cache.offsets, cache.slot_of_expert, Hp // TILE_N)
     grouped_gemm(route, cache.h.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert, tasks,
                  cache.xa_d, ws.bt_d, Hp, scale, ws.d32, cache.d)
     combine_rows(cache.rows[:T], cache.topk_weights[:T], ws.d32, y)
 
 
-def backward(route, packed, lora, cache, ws, grad_y, grads):
+def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate):
     """Run the backward of the module docstring from ``cache``; fills ``grads``.
 
     grad_y [T, H] uint16; grads: an object with ``input`` [T, H] uint16 and
     ``topk_weights`` [T, k] float32, and with LoRA, the six float32 gradients in
-    LoRA shapes, zero-initialised (idle experts get zeros).
+    LoRA shapes; ``accumulate``: add into them (else overwrite the active experts'
+    parts: the caller zero-initialises).
     """
     T, P, S = cache.T, cache.P, cache.n_active
     Ip = cache.h.shape[1]
@@ -166,13 +168,14 @@ def backward(route, packed, lora, cache, ws, grad_y, grads):
     scale = np.float32(lora.scale if lora is not None else 0.0)
     if lora is not None:
         _load_lora(lora, cache, ws, Ip)
-        project(ws.G, cache.row_slot, P, ws.bt_d, Hp, ws.gb_d)
+        row_items = row_blocks(cache.offsets, cache.active, S)
+        project(ws.G, cache.offsets, cache.row_slot, row_items, ws.bt_d, Hp, ws.gb_d)
     tasks = make_tasks(cache.offsets, cache.slot_of_expert, Ip // TILE_N)
     grouped_gemm(route, ws.G16.view(np.uint32), packed.d_t, cache.offsets, cache.slot_of_expert, tasks,
                  ws.gb_d, ws.a_d, Ip, scale, ws.grad_h, _EMPTY_U16)
     silu_mul_backward(ws.grad_h, cache.gu, P, ws.dgu, ws.dgu16)
     if lora is not None:
-        project(ws.dgu, cache.row_slot, P, ws.bt_gu, Ip, ws.gb_gu)
+        project(ws.dgu, cache.offsets, cache.row_slot, row_items, ws.bt_gu, Ip, ws.gb_gu)
     tasks = make_tasks(cache.offsets, cache.slot_of_expert, Hp // TILE_N)
     grouped_gemm(route, ws.dgu16.view(np.uint32), packed.gu_t, cache.offsets, cache.slot_of_expert, tasks,
                  ws.gb_gu, ws.a_gu, Hp, scale, ws.d32, _EMPTY_U16)
@@ -186,9 +189,9 @@ def backward(route, packed, lora, cache, ws, grad_y, grads):
     outer(ws.gb_d, cache.h, cache.offsets, cache.active, S, Ip, ws.da_d)
     outer(cache.xa_d, ws.G, cache.offsets, cache.active, S, Hp, ws.dbt_d)
     r = lora.rank
-    store_a(ws.da_gu, cache.active, S, 0, scale, grads.gate_a)
-    store_a(ws.da_gu, cache.active, S, r, scale, grads.up_a)
-    store_bt(ws.dbt_gu, cache.active, S, 0, scale, grads.gate_b)
-    store_bt(ws.dbt_gu, cache.active, S, Ip, scale, grads.up_b)
-    store_a(ws.da_d, cache.active, S, 0, scale, grads.down_a)
-    store_bt(ws.dbt_d, cache.active, S, 0, scale, grads.down_b)
+    store_a(ws.da_gu, cache.active, S, 0, scale, accumulate, grads.gate_a)
+    store_a(ws.da_gu, cache.active, S, r, scale, accumulate, grads.up_a)
+    store_bt(ws.dbt_gu, cache.active, S, 0, scale, accumulate, grads.gate_b)
+    store_bt(ws.dbt_gu, cache.active, S, Ip, scale, accumulate, grads.up_b)
+    store_a(ws.da_d, cache.active, S, 0, scale, accumulate, grads.down_a)
+    store_bt(ws.dbt_d, cache.active, S, 0, scale, accumulate, grads.down_b)

@@ -20,7 +20,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic, models, overload, register_model
 
 from ..config import JIT
 
@@ -260,3 +260,29 @@ def f32_to_bf16(x):
     if x != x:
         return np.uint16(high | np.uint32(0x40))
     return np.uint16((bits + np.uint32(0x7FFF) + (high & np.uint32(1))) >> np.uint32(16))
+
+
+def vload_f32(arr, i):
+    """16 values of a float32 or bf16 (uint16 bits) array as ``f32x16``."""
+
+
+@overload(vload_f32, jit_options=JIT)
+def _vload_f32(arr, i):
+    if _c_array(arr, types.uint16):
+        return lambda arr, i: vload_bf16(arr, i)
+    if _c_array(arr, types.float32):
+        return lambda arr, i: vload(arr, i)
+    return None
+
+
+def as_f32(x):
+    """A float32 or bf16 (uint16 bits) scalar as float32."""
+
+
+@overload(as_f32, jit_options=JIT)
+def _as_f32(x):
+    if x == types.uint16:
+        return lambda x: bf16_to_f32(x)
+    if x == types.float32:
+        return lambda x: x
+    return None
