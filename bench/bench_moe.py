@@ -52,10 +52,12 @@ def test_nbmoe_forward(benchmark, layer, T):
 @pytest.mark.parametrize("T", TOKENS)
 def test_nbmoe_forward_backward(benchmark, layer, T):
     x, ids, w, grad_y = _inputs(T)
+    layer.forward(x, ids, w, save_for_backward=True)
+    held = layer.backward(grad_y)          # LoRA gradients accumulate here, as torch's .grad
 
     def step():
         layer.forward(x, ids, w, save_for_backward=True)
-        layer.backward(grad_y)
+        layer.backward(grad_y, accumulate_into=held)
     benchmark(step)
 
 

@@ -136,8 +136,10 @@ class EagerExperts:
         self.down = tensor(down)
         self.lora = None
         if lora is not None:
+            # one small tensor per expert, as PEFT wraps each expert's Linear: autograd
+            # then allocates gradients only for the experts a batch reaches
             names = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
-            self.lora = {n: tensor(getattr(lora, n), grad=True) for n in names}
+            self.lora = {n: [tensor(a, grad=True) for a in getattr(lora, n)] for n in names}
             self.scaling = lora.alpha / lora.gate_a.shape[1]
 
     def _lora(self, x, a, b, e):

@@ -21,7 +21,8 @@ def test_eager_baseline_matches_reference():
     # 0.009 (y), 0.008 (input), 0.010 (down_b)
     assert rel(y.detach().float().numpy(), y_ref) < 0.02
     assert rel(x.grad.float().numpy(), grads_ref["input"]) < 0.03
-    assert rel(eager.lora["down_b"].grad.float().numpy(), grads_ref["down_b"]) < 0.03
+    down_b = [t.grad if t.grad is not None else torch.zeros_like(t) for t in eager.lora["down_b"]]
+    assert rel(torch.stack(down_b).float().numpy(), grads_ref["down_b"]) < 0.03
 
 
 def test_flops_and_bytes():
