@@ -5,36 +5,35 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbmoe.kernels.lora import OUTER_COLS, load_a, load_bt, outer, project, row_blocks, store_a, store_bt
+from nbmoe.kernels.lora import OUTER_COLS, load, outer, project, row_blocks, store
 from helpers import BF16, assert_fp32_sums
 
 
 @pytest.mark.parametrize("dtype", [np.float32, BF16])
-def test_loads_and_stores_mirror(dtype):
+def test_load_and_store_mirror(dtype):
     rng = np.random.default_rng(0)
     E, R, K = 5, 3, 20
     active = np.array([4, 1, 0, 0, 0])
     a = rng.standard_normal((E, R, K)).astype(dtype)
     src = a.view(np.uint16) if dtype == BF16 else a
     factors = np.zeros((E, 2 * R, 32), np.float32)
-    load_a(src, active, 2, factors, R)
-    assert np.array_equal(factors[:2, R:, :K], a[[4, 1]].astype(np.float32)) and not np.any(factors[:2, :R])
+    load(src, active, 2, factors, R, 0)
+    assert np.array_equal(factors[:2, R:, :K], a[[4, 1]].astype(np.float32))
+    assert not np.any(factors[:2, :R]) and not np.any(factors[:, :, K:]) and not np.any(factors[2:])
     out = np.zeros((E, R, K), np.float32)
-    store_a(factors, active, 2, R, np.float32(2), False, out)
+    store(factors, active, 2, R, 0, np.float32(2), False, out)
     assert np.array_equal(out[[4, 1]], 2 * a[[4, 1]].astype(np.float32)) and not np.any(out[[0, 2, 3]])
-    store_a(factors, active, 2, R, np.float32(1), True, out)
+    store(factors, active, 2, R, 0, np.float32(1), True, out)
     assert np.array_equal(out[[4, 1]], 3 * a[[4, 1]].astype(np.float32)) and not np.any(out[[0, 2, 3]])
 
-    b = rng.standard_normal((E, K, R)).astype(dtype)
+    b = rng.standard_normal((E, K, R)).astype(dtype)             # B [E, N, r] loads as B^T
     src = b.view(np.uint16) if dtype == BF16 else b
     factors = np.zeros((E, R, 64), np.float32)
-    load_bt(src, active, 2, factors, 32)
+    load(src.transpose(0, 2, 1), active, 2, factors, 0, 32)
     assert np.array_equal(factors[:2, :, 32:32 + K], b[[4, 1]].astype(np.float32).transpose(0, 2, 1))
     out = np.ones((E, K, R), np.float32)
-    store_bt(factors, active, 2, 32, np.float32(1), True, out)
+    store(factors, active, 2, 0, 32, np.float32(1), True, out.transpose(0, 2, 1))
     assert np.array_equal(out[[4, 1]], 1 + b[[4, 1]].astype(np.float32)) and np.all(out[[0, 2, 3]] == 1)
-    store_bt(factors, active, 2, 32, np.float32(1), False, out)
-    assert np.array_equal(out[[4, 1]], b[[4, 1]].astype(np.float32))
 
 
 @settings(max_examples=40, deadline=None)

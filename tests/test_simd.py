@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
-from nbmoe.kernels.simd import (bf16_to_f32, f32_to_bf16, vfma, vhsum, vload, vload_bf16, vload_u32, vpair_hi,
-                                vpair_lo, vsplat, vstore, vstore_bf16, vzero)
+from nbmoe.kernels.simd import (bf16_to_f32, f32_to_bf16, vfma, vhsum, vload, vload_bf16, vpair_hi, vpair_lo,
+                                vsplat, vstore, vstore_bf16, vzero)
 
 
 @njit
@@ -66,7 +66,7 @@ def _pair_dot(a_pairs, w, out):
     # out[j] = sum_p lo(a_p) lo(w[p, j]) + hi(a_p) hi(w[p, j]): the generic micro-kernel's step
     acc = vzero()
     for p in range(a_pairs.size):
-        wv = vload_u32(w, p * 16)
+        wv = vload(w, p * 16)
         lo = vsplat(bf16_to_f32(a_pairs[p] & 0xFFFF))
         hi = vsplat(bf16_to_f32(a_pairs[p] >> 16))
         acc = vfma(hi, vpair_hi(wv), vfma(lo, vpair_lo(wv), acc))

@@ -36,8 +36,7 @@ from numba import njit, prange
 from numba.extending import overload
 
 from ..config import JIT, JIT_PARALLEL
-from .simd import (LANES, f32_from_bits, vfma, vload, vload_u32, vpair_hi, vpair_lo, vsplat, vstore,
-                   vstore_bf16, vzero)
+from .simd import LANES, f32_from_bits, vfma, vfma2, vload, vpair_hi, vpair_lo, vsplat, vstore, vstore_bf16, vzero
 
 PAD = 32          # N and K padding: two vectors of output, one AMX tile of K
 TILE_N = 32       # output columns per work item (two 16-lane vectors)
@@ -70,6 +69,13 @@ def _tile(route, a, r0, r1, r2, r3, w, w0, k2):
     (row i, block v) -> element ``2*i + v``."""
 
 
+@njit(**JIT)
+def _pair_fma(x, b0l, b0h, b1l, b1h, c0, c1):
+    """One row's VNNI pair ``x`` into its two accumulators: c += lo(x) b_lo + hi(x) b_hi."""
+    c0, c1 = vfma2(vsplat(f32_from_bits(x << np.uint32(16))), b0l, b1l, c0, c1)
+    return vfma2(vsplat(f32_from_bits(x & np.uint32(0xFFFF0000))), b0h, b1h, c0, c1)
+
+
 @overload(_tile, jit_options=JIT)
 def _tile_generic(route, a, r0, r1, r2, r3, w, w0, k2):
     if route.route != "generic":
@@ -86,32 +92,13 @@ def _tile_generic(route, a, r0, r1, r2, r3, w, w0, k2):
         c31 = vzero()
         w1 = w0 + k2 * LANES
         for p in range(k2):
-            b0 = vload_u32(w, w0 + p * LANES)
-            b1 = vload_u32(w, w1 + p * LANES)
-            b0l = vpair_lo(b0)
-            b0h = vpair_hi(b0)
-            b1l = vpair_lo(b1)
-            b1h = vpair_hi(b1)
-            x = a[r0, p]
-            lo = vsplat(f32_from_bits(x << np.uint32(16)))
-            hi = vsplat(f32_from_bits(x & np.uint32(0xFFFF0000)))
-            c00 = vfma(hi, b0h, vfma(lo, b0l, c00))
-            c01 = vfma(hi, b1h, vfma(lo, b1l, c01))
-            x = a[r1, p]
-            lo = vsplat(f32_from_bits(x << np.uint32(16)))
-            hi = vsplat(f32_from_bits(x & np.uint32(0xFFFF0000)))
-            c10 = vfma(hi, b0h, vfma(lo, b0l, c10))
-            c11 = vfma(hi, b1h, vfma(lo, b1l, c11))
-            x = a[r2, p]
-            lo = vsplat(f32_from_bits(x << np.uint32(16)))
-            hi = vsplat(f32_from_bits(x & np.uint32(0xFFFF0000)))
-            c20 = vfma(hi, b0h, vfma(lo, b0l, c20))
-            c21 = vfma(hi, b1h, vfma(lo, b1l, c21))
-            x = a[r3, p]
-            lo = vsplat(f32_from_bits(x << np.uint32(16)))
-            hi = vsplat(f32_from_bits(x & np.uint32(0xFFFF0000)))
-            c30 = vfma(hi, b0h, vfma(lo, b0l, c30))
-            c31 = vfma(hi, b1h, vfma(lo, b1l, c31))
+            b0 = vload(w, w0 + p * LANES)
+            b1 = vload(w, w1 + p * LANES)
+            b0l, b0h, b1l, b1h = vpair_lo(b0), vpair_hi(b0), vpair_lo(b1), vpair_hi(b1)
+            c00, c01 = _pair_fma(a[r0, p], b0l, b0h, b1l, b1h, c00, c01)
+            c10, c11 = _pair_fma(a[r1, p], b0l, b0h, b1l, b1h, c10, c11)
+            c20, c21 = _pair_fma(a[r2, p], b0l, b0h, b1l, b1h, c20, c21)
+            c30, c31 = _pair_fma(a[r3, p], b0l, b0h, b1l, b1h, c30, c31)
         return c00, c01, c10, c11, c20, c21, c30, c31
     return impl
 

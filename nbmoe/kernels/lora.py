@@ -15,10 +15,10 @@ One set of four factor buffers ``F [S, R, W]`` (fp32, padded to the GEMM's ``Np`
 serves both directions: ``A`` in its own layout, ``B`` transposed. ``[A_g; A_u]``
 projects x in forward and is the grad_x epilogue factor in backward; ``A_d`` projects
 h and is the grad_h epilogue factor; ``[B_g^T | B_u^T]`` and ``B_d^T`` are the forward
-epilogue factors and project dgu and G in backward. ``load_a`` / ``load_bt`` fill them
-from the caller's arrays (float32, or bf16 as uint16 bits, any strides: TP slices are
-views), read on every call, never kept: an in-place optimizer step is seen by the next
-call. ``store_a`` / ``store_bt`` are their mirrors for the gradients.
+epilogue factors and project dgu and G in backward. ``load`` fills them from the
+caller's arrays (float32, or bf16 as uint16 bits, any strides: TP slices are views; B
+through a transposed view), read on every call, never kept: an in-place optimizer step
+is seen by the next call. ``store`` is its mirror for the gradients.
 
 Both products are register-blocked like the GEMM: ``project`` keeps 4 rows x 2 ranks of
 16-lane partial sums over k (summed across lanes at the end), ``outer`` keeps 4 ranks x
@@ -31,59 +31,39 @@ import numpy as np
 from numba import njit, prange
 
 from ..config import JIT, JIT_PARALLEL
-from .simd import LANES, as_f32, vfma, vhsum, vload, vload_f32, vsplat, vstore, vzero
+from .simd import LANES, as_f32, vfma2, vhsum, vload, vload_f32, vsplat, vstore, vzero
 
 MR = 4            # rows (project) or ranks (outer) per tile
 OUTER_COLS = 32   # columns per ``outer`` tile
 
 
 @njit(**JIT_PARALLEL)
-def load_a(src, active, n_active, dst, row0):
-    """dst[s, row0 + q, :K] = src[active[s], q, :]: src [E, R, K] -> dst [S, >=row0+R, >=K] float32."""
+def load(src, active, n_active, dst, row0, col0):
+    """dst[s, row0 + q, col0 + k] = src[active[s], q, k] as float32.
+
+    src [E, R, K] float32 or uint16 (bf16 bits), any strides: a transposed view of
+    B [E, N, R] loads B^T, read rank-outer; dst [>=S, >=row0+R, >=col0+K] float32, C
+    (written contiguously along k).
+    """
     _, R, K = src.shape
     for s in prange(n_active):
         e = active[s]
         for q in range(R):
             for k in range(K):
-                dst[s, row0 + q, k] = as_f32(src[e, q, k])
+                dst[s, row0 + q, col0 + k] = as_f32(src[e, q, k])
 
 
 @njit(**JIT_PARALLEL)
-def load_bt(src, active, n_active, dst, col0):
-    """dst[s, q, col0 + n] = src[active[s], n, q]: src [E, N, R] -> dst [S, R, >=col0+N] float32.
-
-    Rank-outer: each dst row is written contiguously (rank-inner would write R rows
-    Np floats apart, the same cache set for power-of-two Np)."""
-    _, N, R = src.shape
-    for s in prange(n_active):
-        e = active[s]
-        for q in range(R):
-            for n in range(N):
-                dst[s, q, col0 + n] = as_f32(src[e, n, q])
-
-
-@njit(**JIT_PARALLEL)
-def store_a(acc, active, n_active, row0, scale, accumulate, out):
-    """out[active[s]] (+)= scale * acc[s, row0:row0+R, :K]: the mirror of ``load_a``."""
+def store(acc, active, n_active, row0, col0, scale, accumulate, out):
+    """out[active[s], q, k] = scale * acc[s, row0 + q, col0 + k] (or ``+=``): the mirror
+    of ``load``; out [E, R, K] float32, any strides."""
     _, R, K = out.shape
     for s in prange(n_active):
         e = active[s]
         for q in range(R):
             for k in range(K):
-                value = scale * acc[s, row0 + q, k]
+                value = scale * acc[s, row0 + q, col0 + k]
                 out[e, q, k] = out[e, q, k] + value if accumulate else value
-
-
-@njit(**JIT_PARALLEL)
-def store_bt(acc, active, n_active, col0, scale, accumulate, out):
-    """out[active[s]] (+)= scale * acc[s, :, col0:col0+N].T: the mirror of ``load_bt``."""
-    _, N, R = out.shape
-    for s in prange(n_active):
-        e = active[s]
-        for n in range(N):
-            for q in range(R):
-                value = scale * acc[s, q, col0 + n]
-                out[e, n, q] = out[e, n, q] + value if accumulate else value
 
 
 @njit(**JIT)
@@ -131,35 +111,26 @@ def project(m, offsets, row_slot, items, f, group, out):
                 for k in range(k0, k0 + group, LANES):
                     b0 = vload(f, f0 + k)
                     b1 = vload(f, f1 + k)
-                    a = vload_f32(m, r0 * W + k)
-                    c00 = vfma(a, b0, c00)
-                    c01 = vfma(a, b1, c01)
-                    a = vload_f32(m, r1 * W + k)
-                    c10 = vfma(a, b0, c10)
-                    c11 = vfma(a, b1, c11)
-                    a = vload_f32(m, r2 * W + k)
-                    c20 = vfma(a, b0, c20)
-                    c21 = vfma(a, b1, c21)
-                    a = vload_f32(m, r3 * W + k)
-                    c30 = vfma(a, b0, c30)
-                    c31 = vfma(a, b1, c31)
+                    c00, c01 = vfma2(vload_f32(m, r0 * W + k), b0, b1, c00, c01)
+                    c10, c11 = vfma2(vload_f32(m, r1 * W + k), b0, b1, c10, c11)
+                    c20, c21 = vfma2(vload_f32(m, r2 * W + k), b0, b1, c20, c21)
+                    c30, c31 = vfma2(vload_f32(m, r3 * W + k), b0, b1, c30, c31)
                 col = g * R + q0
-                rows_left = last - r0
-                out[r0, col] = vhsum(c00)
-                if rows_left >= 1:
-                    out[r1, col] = vhsum(c10)
-                if rows_left >= 2:
-                    out[r2, col] = vhsum(c20)
-                if rows_left >= 3:
-                    out[r3, col] = vhsum(c30)
-                if q1 > q0:
-                    out[r0, col + 1] = vhsum(c01)
-                    if rows_left >= 1:
-                        out[r1, col + 1] = vhsum(c11)
-                    if rows_left >= 2:
-                        out[r2, col + 1] = vhsum(c21)
-                    if rows_left >= 3:
-                        out[r3, col + 1] = vhsum(c31)
+                both = q1 > q0
+                _store_sums(out, r0, col, c00, c01, both)
+                if r1 > r0:
+                    _store_sums(out, r1, col, c10, c11, both)
+                if r2 > r1:
+                    _store_sums(out, r2, col, c20, c21, both)
+                if r3 > r2:
+                    _store_sums(out, r3, col, c30, c31, both)
+
+
+@njit(**JIT)
+def _store_sums(out, row, col, c0, c1, both):
+    out[row, col] = vhsum(c0)
+    if both:
+        out[row, col + 1] = vhsum(c1)
 
 
 @njit(**JIT_PARALLEL)
@@ -186,27 +157,12 @@ def outer(v, m, offsets, active, n_active, group, acc):
         for r in range(offsets[e], offsets[e + 1]):
             a0 = vload_f32(m, r * W + n0)
             a1 = vload_f32(m, r * W + n0 + LANES)
-            b = vsplat(v[r, v0])
-            c00 = vfma(b, a0, c00)
-            c01 = vfma(b, a1, c01)
-            b = vsplat(v[r, v1])
-            c10 = vfma(b, a0, c10)
-            c11 = vfma(b, a1, c11)
-            b = vsplat(v[r, v2])
-            c20 = vfma(b, a0, c20)
-            c21 = vfma(b, a1, c21)
-            b = vsplat(v[r, v3])
-            c30 = vfma(b, a0, c30)
-            c31 = vfma(b, a1, c31)
+            c00, c01 = vfma2(vsplat(v[r, v0]), a0, a1, c00, c01)
+            c10, c11 = vfma2(vsplat(v[r, v1]), a0, a1, c10, c11)
+            c20, c21 = vfma2(vsplat(v[r, v2]), a0, a1, c20, c21)
+            c30, c31 = vfma2(vsplat(v[r, v3]), a0, a1, c30, c31)
         at = (s * R + q0) * W + n0
-        vstore(acc, at, c00)
-        vstore(acc, at + LANES, c01)
-        if q_last >= q0 + 1:
-            vstore(acc, at + W, c10)
-            vstore(acc, at + W + LANES, c11)
-        if q_last >= q0 + 2:
-            vstore(acc, at + 2 * W, c20)
-            vstore(acc, at + 2 * W + LANES, c21)
-        if q_last >= q0 + 3:
-            vstore(acc, at + 3 * W, c30)
-            vstore(acc, at + 3 * W + LANES, c31)
+        for q, (c0, c1) in enumerate(((c00, c01), (c10, c11), (c20, c21), (c30, c31))):
+            if q0 + q <= q_last:
+                vstore(acc, at + q * W, c0)
+                vstore(acc, at + q * W + LANES, c1)

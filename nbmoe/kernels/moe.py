@@ -39,7 +39,7 @@ import numpy as np
 
 from .activation import silu_mul, silu_mul_backward
 from .gemm import TILE_N, grouped_gemm, make_tasks, pack_vnni, padded
-from .lora import load_a, load_bt, outer, project, row_blocks, store_a, store_bt
+from .lora import load, outer, project, row_blocks, store
 from .routing import combine_rows, gather_rows, pair_grads, route_pairs
 
 _EMPTY_F32 = np.zeros((0, 0), np.float32)
@@ -102,14 +102,23 @@ class Workspace:
         return [v for v in vars(self).values() if isinstance(v, np.ndarray)]
 
 
+def _lora_parts(lora, ws, Ip):
+    """Per LoRA array: (name, factor buffer, its gradient buffer, row and column where
+    the array sits in them). Buffers hold every factor in A layout [S, r, K]."""
+    r = lora.rank
+    return [("gate_a", ws.a_gu, ws.da_gu, 0, 0), ("up_a", ws.a_gu, ws.da_gu, r, 0),
+            ("gate_b", ws.bt_gu, ws.dbt_gu, 0, 0), ("up_b", ws.bt_gu, ws.dbt_gu, 0, Ip),
+            ("down_a", ws.a_d, ws.da_d, 0, 0), ("down_b", ws.bt_d, ws.dbt_d, 0, 0)]
+
+
+def _a_layout(name, arr):
+    """A LoRA array (or its gradient) seen in A layout: B [E, N, r] through its transpose."""
+    return arr.transpose(0, 2, 1) if name.endswith("_b") else arr
+
+
 def _load_lora(lora, cache, ws, Ip):
-    S = cache.n_active
-    load_a(lora.gate_a, cache.active, S, ws.a_gu, 0)
-    load_a(lora.up_a, cache.active, S, ws.a_gu, lora.rank)
-    load_bt(lora.gate_b, cache.active, S, ws.bt_gu, 0)
-    load_bt(lora.up_b, cache.active, S, ws.bt_gu, Ip)
-    load_a(lora.down_a, cache.active, S, ws.a_d, 0)
-    load_bt(lora.down_b, cache.active, S, ws.bt_d, 0)
+    for name, factor, _, row0, col0 in _lora_parts(lora, ws, Ip):
+        load(_a_layout(name, getattr(lora, name)), cache.active, cache.n_active, factor, row0, col0)
 
 
 def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y):
@@ -188,10 +197,5 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate):
     outer(cache.xa_gu, ws.dgu, cache.offsets, cache.active, S, Ip, ws.dbt_gu)
     outer(ws.gb_d, cache.h, cache.offsets, cache.active, S, Ip, ws.da_d)
     outer(cache.xa_d, ws.G, cache.offsets, cache.active, S, Hp, ws.dbt_d)
-    r = lora.rank
-    store_a(ws.da_gu, cache.active, S, 0, scale, accumulate, grads.gate_a)
-    store_a(ws.da_gu, cache.active, S, r, scale, accumulate, grads.up_a)
-    store_bt(ws.dbt_gu, cache.active, S, 0, scale, accumulate, grads.gate_b)
-    store_bt(ws.dbt_gu, cache.active, S, Ip, scale, accumulate, grads.up_b)
-    store_a(ws.da_d, cache.active, S, 0, scale, accumulate, grads.down_a)
-    store_bt(ws.dbt_d, cache.active, S, 0, scale, accumulate, grads.down_b)
+    for name, _, acc, row0, col0 in _lora_parts(lora, ws, Ip):
+        store(acc, cache.active, S, row0, col0, scale, accumulate, _a_layout(name, getattr(grads, name)))

@@ -100,16 +100,22 @@ def vsplat(typingctx, x):
     return f32x16(x), codegen
 
 
+_VECTOR_OF = {types.float32: (f32x16, _F32X16), types.uint32: (u32x16, _I32X16)}
+
+
 @intrinsic
 def vload(typingctx, arr, i):
-    """16 float32 from ``arr.flat[i:i+16]``."""
-    if not (_c_array(arr, types.float32) and isinstance(i, types.Integer)):
+    """16 lanes from ``arr.flat[i:i+16]``: a ``f32x16`` from a float32 array, a ``u32x16``
+    (16 VNNI bf16 pairs) from a uint32 array."""
+    if not (isinstance(arr, types.Array) and arr.layout == "C" and arr.dtype in _VECTOR_OF
+            and isinstance(i, types.Integer)):
         return None
+    result, vec_ty = _VECTOR_OF[arr.dtype]
 
     def codegen(context, builder, sig, args):
-        ptr = _lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _F32X16)
+        ptr = _lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], vec_ty)
         return builder.load(ptr, align=4)
-    return f32x16(arr, i), codegen
+    return result(arr, i), codegen
 
 
 @intrinsic
@@ -123,18 +129,6 @@ def vstore(typingctx, arr, i, v):
         builder.store(args[2], ptr, align=4)
         return context.get_dummy_value()
     return types.none(arr, i, v), codegen
-
-
-@intrinsic
-def vload_u32(typingctx, arr, i):
-    """16 uint32 (16 VNNI bf16 pairs) from ``arr.flat[i:i+16]``."""
-    if not (_c_array(arr, types.uint32) and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = _lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _I32X16)
-        return builder.load(ptr, align=4)
-    return u32x16(arr, i), codegen
 
 
 @intrinsic
@@ -244,6 +238,13 @@ def bits_from_f32(typingctx, x):
     def codegen(context, builder, sig, args):
         return builder.bitcast(args[0], _I32)
     return types.uint32(x), codegen
+
+
+@njit(**JIT)
+def vfma2(a, b0, b1, c0, c1):
+    """One multiplier into two accumulators: ``(a*b0 + c0, a*b1 + c1)``, the step of every
+    register tile here (LLVM inlines it; the tuple never leaves registers)."""
+    return vfma(a, b0, c0), vfma(a, b1, c1)
 
 
 @njit(**JIT)
