@@ -63,7 +63,7 @@ def cmd_run(args):
     t = time.perf_counter()
     from .layer import MoELayer
     layer = MoELayer(gate, up, down, lora=lora, max_tokens=T)
-    print(f"packed once in {time.perf_counter() - t:.1f} s ({layer._packed.nbytes / 2**30:.2f} GiB); "
+    print(f"packed once in {time.perf_counter() - t:.1f} s ({layer.packed_nbytes / 2**30:.2f} GiB); "
           f"route {layer.route.name}")
     ids, weights = bench.routing(T, E, k, args.seed)
     x, grad_y = bench.activations(T, H, args.seed)

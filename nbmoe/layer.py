@@ -119,9 +119,19 @@ class MoELayer:
         self._k = None
         self._stack = None
 
+    def __repr__(self):
+        return (f"MoELayer(E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, "
+                f"r={self.rank}, weight_format={self.weight_format!r}, route={self.route.name!r}, "
+                f"max_tokens={self.max_tokens}, cache_depth={self.cache_depth}, saved={self.saved})")
+
     @property
     def lora(self):
         return self._lora
+
+    @property
+    def packed_nbytes(self):
+        """Bytes of the packed base weights (forward and backward layouts)."""
+        return self._packed.nbytes
 
     @property
     def saved(self):

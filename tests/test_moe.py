@@ -145,6 +145,13 @@ def test_moe_float32_inputs_are_rounded_to_bf16():
     assert np.array_equal(y_off.view(np.uint16), y_rounded.view(np.uint16))
 
 
+def test_moe_layer_describes_itself():
+    layer = Problem(seed=0, E=3, k=2, H=40, I=24, r=2, T=2).layer(max_tokens=2)
+    assert repr(layer).startswith("MoELayer(E=3, H=40, I=24, r=2, weight_format='bf16', route=")
+    # forward and backward layouts, each padded to 32: 2 x 3 x E x 64 x 32 x 2 bytes
+    assert layer.packed_nbytes == 2 * 3 * 3 * 64 * 32 * 2
+
+
 def test_moe_int32_topk_ids():
     problem = Problem(seed=12, E=4, k=2, H=32, I=16, r=2, T=6)
     layer = problem.layer(max_tokens=6)
