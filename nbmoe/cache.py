@@ -17,7 +17,7 @@ them, so capacity for ``max_tokens`` costs memory only as far as it is used.
 
 import numpy as np
 
-from .kernels.gemm import padded
+from .kernels.gemm import ROW_SLACK, padded
 
 
 class CacheOverflowError(RuntimeError):
@@ -47,7 +47,7 @@ class ForwardCache:
         self.slot_of_expert = np.zeros(E, np.int64)
         self.active = np.zeros(E, np.int64)
         self.gu = np.zeros((pairs, 2 * Ip), np.uint16)
-        self.h = np.zeros((pairs, Ip), np.uint16)
+        self.h = np.zeros((pairs + ROW_SLACK, Ip), np.uint16)     # an A operand: whole tiles are read
         self.d = np.zeros((pairs, Hp), np.uint16)
         self.xa_gu = np.zeros((pairs, 2 * r), np.float32)
         self.xa_d = np.zeros((pairs, r), np.float32)

@@ -11,7 +11,7 @@ import numpy as np
 from . import checks
 from .cache import CacheEmptyError, CacheStack, ForwardCache
 from .kernels import moe
-from .kernels.isa import choose_route
+from .kernels.isa import ROUTES, choose_route
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4_awq", "int4_k2")
 _LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
@@ -82,13 +82,14 @@ class MoELayer:
     ``Expert_e(x) = D_e(silu(G_e x) * U_e x)``; ``y[t] = sum_j w[t, j] Expert_{ids[t, j]}(x[t])``.
 
     max_tokens bounds T per call; cache_depth is how many forwards may be saved for
-    backward at once. Buffers are sized ``max_tokens * k`` at the first forward (its
+    backward at once; route picks the kernel route (default: ``$NBMOE_ISA``, else the best
+    this CPU supports; ``nbmoe.info()`` lists them). Buffers are sized ``max_tokens * k`` at the first forward (its
     ``topk_ids`` fixes k for the layer's lifetime); their pages are committed only as
     far as calls use them.
     """
 
     def __init__(self, gate_proj, up_proj, down_proj, lora=None, weight_format="bf16",
-                 group_size=128, tp=1, max_tokens=4096, cache_depth=1):
+                 group_size=128, tp=1, max_tokens=4096, cache_depth=1, route=None):
         checks.choice("weight_format", weight_format, WEIGHT_FORMATS)
         checks.integer("group_size", group_size, 1)
         tp = checks.integer("tp", tp, 1)
@@ -114,7 +115,9 @@ class MoELayer:
         self._lora = lora
         self.rank = None                   # fixed by the first read of the LoRA arrays
         self.rank = 0 if lora is None else self._lora_view().rank
-        self.route = choose_route()
+        if route is not None:
+            checks.choice("route", route, ROUTES)
+        self.route = choose_route(route)
         self._packed = moe.PackedWeights(gate, up, down)
         self._k = None
         self._stack = None

@@ -11,7 +11,7 @@ from .kernels import isa
 def info():
     """A dict: versions, the CPU and its route-deciding features, the kernel route
     chosen (and why, or the error if ``NBMOE_ISA`` asks for one it cannot run), the
-    routes implemented, and Numba's threading layer and thread count."""
+    routes this host can run, and Numba's threading layer and thread count."""
     features = isa.host_features()
     try:
         route = isa.choose_route(features=features)
@@ -28,7 +28,7 @@ def info():
         "features": features,
         "route": route_name,
         "route_reason": reason,
-        "routes_implemented": list(isa.IMPLEMENTED),
+        "routes_runnable": isa.runnable(features),
         "threading_layer": layer,
         "threads": threads,
     }

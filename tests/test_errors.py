@@ -7,6 +7,8 @@ import pytest
 import nbmoe
 from helpers import BF16, Problem, assert_close
 
+pytestmark = pytest.mark.usefixtures("each_route")     # the whole suite, once per route
+
 E, K, H, I, R, T = 4, 2, 32, 24, 2, 6
 
 

@@ -12,6 +12,8 @@ import nbmoe
 from nbmoe import reference
 from helpers import BF16, GRAD_NAMES, LORA_NAMES, Problem, assert_close, rel
 
+pytestmark = pytest.mark.usefixtures("each_route")     # the whole suite, once per route
+
 
 def _bits(a):
     return a.view(np.uint16) if a.dtype == BF16 else a

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 import nbmoe
 from helpers import BF16, GRAD_NAMES, LORA_NAMES, Problem, assert_close, rel
 
+pytestmark = pytest.mark.usefixtures("each_route")     # the whole suite, once per route
+
 # The bound of DESIGN.md section 9 is a mean over elements. Drawn shapes keep H, I >= 8
 # and r >= 2 so that mean is over something: with r = 1 a LoRA gradient is one outer
 # product per expert scaled by a single sum, which can cancel; 3000 random draws
@@ -30,7 +32,8 @@ problems = st.builds(
 )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(problem=problems)
 def test_moe_matches_reference(problem):
     y, grads = problem.run(max_tokens=12)

@@ -23,12 +23,12 @@ weights, so every product streams its weights contiguously.
 Work split
 ----------
 A work item is (expert, 32-column tile); ``prange`` runs over the flat list, busiest
-experts first. The item walks its expert's rows four at a time; the micro-kernel keeps
-the 4 x 32 accumulator block in 8 registers over all of K. Each output element is
-written by exactly one item, summed in a fixed order: results do not depend on the
-thread count.
+experts first. The item walks its expert's rows a block at a time; each route's
+``_block`` keeps its accumulators in registers (vector or tile) over all of K, then
+runs the shared epilogue ``_finish_row``. Each output element is written by exactly one
+item, summed in a fixed order: results do not depend on the thread count.
 
-Routes slot in through ``_tile``: one ``@overload`` body per route name.
+Routes slot in through ``_block`` and ``block_rows``: one ``@overload`` per route.
 """
 
 import numpy as np
@@ -36,11 +36,15 @@ from numba import njit, prange
 from numba.extending import overload
 
 from ..config import JIT, JIT_PARALLEL
+from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdpbf16, vsplat_pair
 from .simd import LANES, f32_from_bits, vfma, vfma2, vload, vpair_hi, vpair_lo, vsplat, vstore, vstore_bf16, vzero
 
 PAD = 32          # N and K padding: two vectors of output, one AMX tile of K
-TILE_N = 32       # output columns per work item (two 16-lane vectors)
-MR = 4            # rows per micro-kernel call
+TILE_N = 32       # output columns per work item (two 16-lane vectors, two AMX tiles)
+MR = 4            # rows per block: generic / avx512
+MR_BF16 = 8       # rows per block: avx512_bf16
+MR_AMX = 32       # rows per block: amx (two 16-row tiles)
+ROW_SLACK = MR_AMX  # rows every A operand has past its last pair: a block reads whole tiles
 
 
 def padded(n):
@@ -63,46 +67,6 @@ def pack_vnni(w, out, block0, pair0):
                 out[e, b, pair0 + K // 2, j] = np.uint32(w[e, n, K - 1])
 
 
-def _tile(route, a, r0, r1, r2, r3, w, w0, k2):
-    """Accumulate rows r0..r3 of ``a`` (uint32 bf16 pairs) against the two 16-column
-    blocks of packed weights starting at flat offset ``w0``; returns 8 ``f32x16``:
-    (row i, block v) -> element ``2*i + v``."""
-
-
-@njit(**JIT)
-def _pair_fma(x, b0l, b0h, b1l, b1h, c0, c1):
-    """One row's VNNI pair ``x`` into its two accumulators: c += lo(x) b_lo + hi(x) b_hi."""
-    c0, c1 = vfma2(vsplat(f32_from_bits(x << np.uint32(16))), b0l, b1l, c0, c1)
-    return vfma2(vsplat(f32_from_bits(x & np.uint32(0xFFFF0000))), b0h, b1h, c0, c1)
-
-
-@overload(_tile, jit_options=JIT)
-def _tile_generic(route, a, r0, r1, r2, r3, w, w0, k2):
-    if route.route != "generic":
-        return None
-
-    def impl(route, a, r0, r1, r2, r3, w, w0, k2):
-        c00 = vzero()
-        c01 = vzero()
-        c10 = vzero()
-        c11 = vzero()
-        c20 = vzero()
-        c21 = vzero()
-        c30 = vzero()
-        c31 = vzero()
-        w1 = w0 + k2 * LANES
-        for p in range(k2):
-            b0 = vload(w, w0 + p * LANES)
-            b1 = vload(w, w1 + p * LANES)
-            b0l, b0h, b1l, b1h = vpair_lo(b0), vpair_hi(b0), vpair_lo(b1), vpair_hi(b1)
-            c00, c01 = _pair_fma(a[r0, p], b0l, b0h, b1l, b1h, c00, c01)
-            c10, c11 = _pair_fma(a[r1, p], b0l, b0h, b1l, b1h, c10, c11)
-            c20, c21 = _pair_fma(a[r2, p], b0l, b0h, b1l, b1h, c20, c21)
-            c30, c31 = _pair_fma(a[r3, p], b0l, b0h, b1l, b1h, c30, c31)
-        return c00, c01, c10, c11, c20, c21, c30, c31
-    return impl
-
-
 @njit(**JIT)
 def _finish_row(m, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16):
     """Epilogue of one output row: add the LoRA term, store fp32 and/or bf16."""
@@ -121,6 +85,134 @@ def _finish_row(m, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16):
         at = m * out16.shape[1] + n0
         vstore_bf16(out16, at, c0)
         vstore_bf16(out16, at + LANES, c1)
+
+
+def block_rows(route):
+    """Rows one ``_block`` call covers on ``route``."""
+
+
+@overload(block_rows, jit_options=JIT)
+def _block_rows(route):
+    rows = {"generic": MR, "avx512": MR, "avx512_bf16": MR_BF16, "amx": MR_AMX}[route.route]
+    return lambda route: rows
+
+
+def _block(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+    """Rows ``m .. m + block_rows(route) - 1`` (those ``<= last``) of ``a`` (uint32 bf16 pairs)
+    times the two 16-column blocks of packed weights at flat offset ``w0``, through
+    ``_finish_row``. Rows past ``last`` may be read (``ROW_SLACK``), never written."""
+
+
+@njit(**JIT)
+def _pair_fma(x, b0l, b0h, b1l, b1h, c0, c1):
+    """One row's VNNI pair ``x`` into its two accumulators: c += lo(x) b_lo + hi(x) b_hi."""
+    c0, c1 = vfma2(vsplat(f32_from_bits(x << np.uint32(16))), b0l, b1l, c0, c1)
+    return vfma2(vsplat(f32_from_bits(x & np.uint32(0xFFFF0000))), b0h, b1h, c0, c1)
+
+
+@overload(_block, jit_options=JIT)
+def _block_fma(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+    """generic / avx512: widen each weight pair to two fp32 vectors once per step, 2 FMAs
+    per row; 4 rows x 32 columns = 8 accumulators (fits 16 registers of any vector ISA)."""
+    if route.route not in ("generic", "avx512"):
+        return None
+
+    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+        r1, r2, r3 = min(m + 1, last), min(m + 2, last), min(m + 3, last)
+        c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
+        c20, c21, c30, c31 = vzero(), vzero(), vzero(), vzero()
+        w1 = w0 + k2 * LANES
+        for p in range(k2):
+            b0 = vload(w, w0 + p * LANES)
+            b1 = vload(w, w1 + p * LANES)
+            b0l, b0h, b1l, b1h = vpair_lo(b0), vpair_hi(b0), vpair_lo(b1), vpair_hi(b1)
+            c00, c01 = _pair_fma(a[m, p], b0l, b0h, b1l, b1h, c00, c01)
+            c10, c11 = _pair_fma(a[r1, p], b0l, b0h, b1l, b1h, c10, c11)
+            c20, c21 = _pair_fma(a[r2, p], b0l, b0h, b1l, b1h, c20, c21)
+            c30, c31 = _pair_fma(a[r3, p], b0l, b0h, b1l, b1h, c30, c31)
+        for i, (c0, c1) in enumerate(((c00, c01), (c10, c11), (c20, c21), (c30, c31))):
+            if m + i <= last:
+                _finish_row(m + i, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
+    return impl
+
+
+@njit(**JIT)
+def _dp2(x, b0, b1, c0, c1):
+    return vdpbf16(c0, x, b0), vdpbf16(c1, x, b1)
+
+
+@overload(_block, jit_options=JIT)
+def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+    """avx512_bf16: one ``vdpbf16ps`` per row and 16 columns per K pair, the row's pair
+    broadcast; 8 rows x 32 columns = 16 accumulators of the 32 zmm registers."""
+    if route.route != "avx512_bf16":
+        return None
+
+    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+        r1, r2, r3 = min(m + 1, last), min(m + 2, last), min(m + 3, last)
+        r4, r5, r6, r7 = min(m + 4, last), min(m + 5, last), min(m + 6, last), min(m + 7, last)
+        c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
+        c20, c21, c30, c31 = vzero(), vzero(), vzero(), vzero()
+        c40, c41, c50, c51 = vzero(), vzero(), vzero(), vzero()
+        c60, c61, c70, c71 = vzero(), vzero(), vzero(), vzero()
+        w1 = w0 + k2 * LANES
+        for p in range(k2):
+            b0 = vload(w, w0 + p * LANES)
+            b1 = vload(w, w1 + p * LANES)
+            c00, c01 = _dp2(vsplat_pair(a[m, p]), b0, b1, c00, c01)
+            c10, c11 = _dp2(vsplat_pair(a[r1, p]), b0, b1, c10, c11)
+            c20, c21 = _dp2(vsplat_pair(a[r2, p]), b0, b1, c20, c21)
+            c30, c31 = _dp2(vsplat_pair(a[r3, p]), b0, b1, c30, c31)
+            c40, c41 = _dp2(vsplat_pair(a[r4, p]), b0, b1, c40, c41)
+            c50, c51 = _dp2(vsplat_pair(a[r5, p]), b0, b1, c50, c51)
+            c60, c61 = _dp2(vsplat_pair(a[r6, p]), b0, b1, c60, c61)
+            c70, c71 = _dp2(vsplat_pair(a[r7, p]), b0, b1, c70, c71)
+        for i, (c0, c1) in enumerate(((c00, c01), (c10, c11), (c20, c21), (c30, c31),
+                                      (c40, c41), (c50, c51), (c60, c61), (c70, c71))):
+            if m + i <= last:
+                _finish_row(m + i, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
+    return impl
+
+
+@overload(_block, jit_options=JIT)
+def _block_amx(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+    """amx: 2 x 2 tiles of 16 x 16 fp32 (32 rows x 32 columns) over K in steps of 32:
+    per step 2 A tiles (16 rows x 32 bf16) and 2 B tiles (16 pairs x 16 columns: 1 KiB
+    contiguous in the packed layout), 4 ``tdpbf16ps``; 8 tile registers. A block of at
+    most 16 rows uses one row of tiles. The fp32 result goes through a 4 KiB scratch to
+    the shared epilogue."""
+    if route.route != "amx":
+        return None
+
+    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+        ld = a.shape[1]
+        w1 = w0 + k2 * LANES
+        scratch = np.empty(MR_AMX * TILE_N, np.float32)         # this block's own
+        c00, c01 = tile_zero(), tile_zero()
+        if last - m < 16:
+            for p in range(0, k2, 16):
+                a0 = tile_load(a, m * ld + p, ld * 4)
+                c00 = tile_dpbf16(c00, a0, tile_load(w, w0 + p * LANES, 64))
+                c01 = tile_dpbf16(c01, a0, tile_load(w, w1 + p * LANES, 64))
+        else:
+            c10, c11 = tile_zero(), tile_zero()
+            for p in range(0, k2, 16):
+                a0 = tile_load(a, m * ld + p, ld * 4)
+                a1 = tile_load(a, (m + 16) * ld + p, ld * 4)
+                b0 = tile_load(w, w0 + p * LANES, 64)
+                b1 = tile_load(w, w1 + p * LANES, 64)
+                c00 = tile_dpbf16(c00, a0, b0)
+                c01 = tile_dpbf16(c01, a0, b1)
+                c10 = tile_dpbf16(c10, a1, b0)
+                c11 = tile_dpbf16(c11, a1, b1)
+            tile_store(scratch, 16 * TILE_N, TILE_N * 4, c10)
+            tile_store(scratch, 16 * TILE_N + LANES, TILE_N * 4, c11)
+        tile_store(scratch, 0, TILE_N * 4, c00)
+        tile_store(scratch, LANES, TILE_N * 4, c01)
+        for i in range(min(MR_AMX, last - m + 1)):
+            _finish_row(m + i, n0, vload(scratch, i * TILE_N), vload(scratch, i * TILE_N + LANES),
+                        slot, lora_l, l0, lora_r, scale, out32, out16)
+    return impl
 
 
 @njit(**JIT)
@@ -161,15 +253,6 @@ def grouped_gemm(route, a, w, offsets, slot_of_expert, tasks, lora_l, lora_r, gr
         slot = slot_of_expert[e]
         l0 = (n0 // group_n) * R
         w0 = e * expert_stride + (n0 // LANES) * block_stride
-        first = offsets[e]
         last = offsets[e + 1] - 1
-        for m in range(first, last + 1, MR):
-            c00, c01, c10, c11, c20, c21, c30, c31 = _tile(
-                route, a, m, min(m + 1, last), min(m + 2, last), min(m + 3, last), w, w0, k2)
-            _finish_row(m, n0, c00, c01, slot, lora_l, l0, lora_r, scale, out32, out16)
-            if m + 1 <= last:
-                _finish_row(m + 1, n0, c10, c11, slot, lora_l, l0, lora_r, scale, out32, out16)
-            if m + 2 <= last:
-                _finish_row(m + 2, n0, c20, c21, slot, lora_l, l0, lora_r, scale, out32, out16)
-            if m + 3 <= last:
-                _finish_row(m + 3, n0, c30, c31, slot, lora_l, l0, lora_r, scale, out32, out16)
+        for m in range(offsets[e], last + 1, block_rows(route)):
+            _block(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16)

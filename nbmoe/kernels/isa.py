@@ -1,36 +1,53 @@
-"""CPU features, the kernel route, and the ``Route`` value kernels dispatch on.
+"""CPU features, the kernel route, the ``Route`` value kernels dispatch on, and the x86
+instructions the fast routes reach through LLVM intrinsics.
 
 A route names the micro-kernel family that runs every GEMM:
 
-========== ================================================= ===================
-route      inner product                                     needs
-========== ================================================= ===================
-amx        ``tdpbf16ps`` on 16x32 tiles                      amx-bf16, amx-tile
+=========== ================================================ ======================
+route       inner product                                    needs
+=========== ================================================ ======================
+amx         ``tdpbf16ps`` on 16x16 fp32 tiles (K = 32)       amx-bf16, amx-tile
 avx512_bf16 ``vdpbf16ps`` on VNNI pairs                      avx512bf16
-avx512     fp32 FMA after bf16 -> fp32 widening              avx512f
-generic    the same portable vector IR, any CPU Numba targets (none)
-========== ================================================= ===================
+avx512      fp32 FMA after bf16 -> fp32 widening             avx512f, avx512bw
+generic     the same portable vector IR, any CPU Numba targets (none)
+=========== ================================================ ======================
 
-``NBMOE_ISA`` overrides the choice; naming a route the CPU lacks, or one this
-version does not implement, is a ``RuntimeError`` that says which and why.
+``NBMOE_ISA`` (or ``MoELayer(route=...)``) overrides the choice; naming a route the CPU
+lacks is a ``RuntimeError`` that says what is missing, never a crash.
 
 Kernels take the ``Route`` as their first argument. Numba types it as
-``RouteType(name)``, so each route compiles (and caches) its own specialisation
-and a route the host lacks is never compiled for it.
+``RouteType(name)``, so each route compiles (and caches) its own specialisation and a
+route the host lacks is never compiled for it (tests compile those for another CPU in a
+subprocess and read the assembly).
+
+Intrinsics (llvmlite has no ``bfloat`` or ``x86_amx`` type: ``_Named`` prints one):
+
+- ``vdpbf16(acc, a, b)``: ``llvm.x86.avx512bf16.dpbf16ps.512``, lane j:
+  ``acc[j] + a.lo[j] b.lo[j] + a.hi[j] b.hi[j]`` on bf16 pairs.
+- AMX tiles travel through Numba as ``<256 x i32>`` vectors (a 1 KiB tile), cast to
+  ``x86_amx`` around each ``llvm.x86.*.internal`` intrinsic, as clang's ``__tile1024i``
+  does; LLVM's AMX passes keep them in tile registers and emit ``ldtilecfg``. Every tile
+  here is 16 rows x 64 bytes. Linux grants a process AMX state only on request:
+  ``enable_amx`` asks once (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``).
 """
 
 import os
 
+import ctypes
+import platform
+
 import llvmlite.binding as llvm
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import NativeValue, models, register_model, typeof_impl, unbox
+from numba.core import cgutils
+from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
 
 from ..config import JIT_PARALLEL
+from .simd import _I32X16, _F32X16, _lane_ptr, f32x16, u32x16
 
 ROUTES = ("amx", "avx512_bf16", "avx512", "generic")
-IMPLEMENTED = ("generic",)
 
 # the LLVM feature names each route needs
 _NEEDS = {
@@ -43,11 +60,20 @@ REPORTED_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512bf16", "amx-ti
 
 
 class Route:
-    """A kernel route, passed to every kernel launcher; see the module docstring."""
+    """A kernel route, passed to every kernel launcher; see the module docstring.
+
+    An ``amx`` route exists only in a process the kernel granted AMX state: without it
+    the first tile instruction is SIGILL, so the constructor asks, or raises.
+    """
 
     __slots__ = ("name", "reason")
 
     def __init__(self, name, reason):
+        if name not in ROUTES:
+            raise RuntimeError(f"route {name!r}: expected one of {ROUTES}")
+        if name == "amx" and not enable_amx():
+            raise RuntimeError(f"route 'amx': the kernel refused AMX tile state "
+                               f"(arch_prctl ARCH_REQ_XCOMP_PERM): {_AMX_REFUSED[0]}")
         self.name = name
         self.reason = reason
 
@@ -89,29 +115,32 @@ def _missing(name, features):
 
 
 def choose_route(requested=None, features=None):
-    """The route to run: ``requested`` (or ``$NBMOE_ISA``), else the best implemented one.
+    """The route to run: ``requested`` (or ``$NBMOE_ISA``), else the best the CPU supports.
 
-    Raises ``RuntimeError`` when the requested route is unknown, not implemented in
-    this version, or needs CPU features the host lacks.
+    Raises ``RuntimeError`` when the requested route is unknown or needs CPU features
+    (or, for AMX, kernel permission) the host lacks.
     """
     features = host_features() if features is None else features
-    requested = os.environ.get("NBMOE_ISA") if requested is None else requested
+    label = "route" if requested else "NBMOE_ISA"
+    requested = requested or os.environ.get("NBMOE_ISA")
     if requested:
         if requested not in ROUTES:
-            raise RuntimeError(f"NBMOE_ISA={requested!r}: expected one of {ROUTES}")
+            raise RuntimeError(f"{label}={requested!r}: expected one of {ROUTES}")
         missing = _missing(requested, features)
         if missing:
-            raise RuntimeError(
-                f"NBMOE_ISA={requested!r}: this CPU lacks {', '.join(missing)}; "
-                f"routes it can run: {[r for r in IMPLEMENTED if not _missing(r, features)]}")
-        if requested not in IMPLEMENTED:
-            raise RuntimeError(f"NBMOE_ISA={requested!r}: route not implemented in this "
-                               f"version; implemented: {IMPLEMENTED}")
-        return Route(requested, "requested by NBMOE_ISA")
+            raise RuntimeError(f"{label}={requested!r}: this CPU lacks {', '.join(missing)}; "
+                               f"routes it can run: {runnable(features)}")
+        return Route(requested, f"requested by {label}")
     for name in ROUTES:
-        if name in IMPLEMENTED and not _missing(name, features):
-            return Route(name, "best implemented route this CPU supports")
+        if not _missing(name, features) and (name != "amx" or enable_amx()):
+            return Route(name, "best route this CPU supports")
     raise AssertionError("the generic route needs no feature")
+
+
+def runnable(features=None):
+    """The routes this host can run, best first."""
+    features = host_features() if features is None else features
+    return [r for r in ROUTES if not _missing(r, features) and (r != "amx" or enable_amx())]
 
 
 @njit(**JIT_PARALLEL)
@@ -124,3 +153,156 @@ def threading_layer():
     """(name, threads) of Numba's parallel backend; starts it if no kernel has yet."""
     _touch_threads(np.zeros(numba.get_num_threads(), np.int64))
     return numba.threading_layer(), numba.get_num_threads()
+
+
+_AMX_REFUSED = [None]
+
+
+def enable_amx():
+    """Ask Linux once for AMX tile state for this process; True if granted (or not needed)."""
+    if _AMX_REFUSED[0] is None:
+        _AMX_REFUSED[0] = ""
+        if platform.system() == "Linux":
+            arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.syscall(arch_prctl, req_xcomp_perm, xtiledata) != 0:
+                _AMX_REFUSED[0] = f"errno {ctypes.get_errno()}"
+    return _AMX_REFUSED[0] == ""
+
+
+class _Named(ir.Type):
+    """An LLVM type llvmlite cannot spell (``bfloat``, ``x86_amx``), printed by name."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def _to_string(self):
+        return self.name
+
+    def __eq__(self, other):
+        return isinstance(other, _Named) and other.name == self.name
+
+    def __hash__(self):
+        return hash(self.name)
+
+
+_BF16X32 = ir.VectorType(_Named("bfloat"), 32)
+_AMX = _Named("x86_amx")
+_I16 = ir.IntType(16)
+_I64 = ir.IntType(64)
+_I8P = ir.IntType(8).as_pointer()
+_TILE_VEC = ir.VectorType(ir.IntType(32), 256)
+_ROWS = ir.Constant(_I16, 16)
+_BYTES = ir.Constant(_I16, 64)
+
+
+def _declare(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+@intrinsic
+def vsplat_pair(typingctx, x):
+    """Broadcast one uint32 (a bf16 pair) to all 16 lanes of a ``u32x16``."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        value = context.cast(builder, args[0], sig.args[0], types.uint32)
+        one = builder.insert_element(ir.Constant(_I32X16, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(one, ir.Constant(_I32X16, ir.Undefined),
+                                      ir.Constant(_I32X16, [0] * 16))
+    return u32x16(x), codegen
+
+
+@intrinsic
+def vdpbf16(typingctx, acc, a, b):
+    """``vdpbf16ps``: acc[j] += a.lo[j] * b.lo[j] + a.hi[j] * b.hi[j] (bf16 pairs, fp32 sum)."""
+    if not (acc == f32x16 and a == u32x16 and b == u32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = _declare(builder, "llvm.x86.avx512bf16.dpbf16ps.512", _F32X16, [_F32X16, _BF16X32, _BF16X32])
+        return builder.call(fn, [args[0], builder.bitcast(args[1], _BF16X32), builder.bitcast(args[2], _BF16X32)])
+    return f32x16(acc, a, b), codegen
+
+
+class TileType(types.Type):
+    """An AMX tile of 16 rows x 64 bytes, carried as ``<256 x i32>``."""
+
+    def __init__(self):
+        super().__init__(name="amx_tile")
+
+
+tile = TileType()
+
+
+@register_model(TileType)
+class _TileModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _TILE_VEC)
+
+
+def _to_amx(builder, value):
+    return builder.call(_declare(builder, "llvm.x86.cast.vector.to.tile.v256i32", _AMX, [_TILE_VEC]), [value])
+
+
+def _from_amx(builder, value):
+    return builder.call(_declare(builder, "llvm.x86.cast.tile.to.vector.v256i32", _TILE_VEC, [_AMX]), [value])
+
+
+def _byte_ptr(context, builder, sig, args):
+    ptr = _lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.IntType(8))
+    return builder.bitcast(ptr, _I8P)
+
+
+@intrinsic
+def tile_zero(typingctx):
+    """A zero tile (``tilezero``)."""
+    def codegen(context, builder, sig, args):
+        return _from_amx(builder, builder.call(_declare(builder, "llvm.x86.tilezero.internal", _AMX, [_I16, _I16]),
+                                               [_ROWS, _BYTES]))
+    return tile(), codegen
+
+
+@intrinsic
+def tile_load(typingctx, arr, i, stride):
+    """16 rows of 64 bytes from ``arr.flat[i:]``, rows ``stride`` bytes apart (``tileloadd``)."""
+    if not (isinstance(arr, types.Array) and arr.layout == "C" and isinstance(i, types.Integer)
+            and isinstance(stride, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _byte_ptr(context, builder, sig, args)
+        step = context.cast(builder, args[2], sig.args[2], types.int64)
+        fn = _declare(builder, "llvm.x86.tileloadd64.internal", _AMX, [_I16, _I16, _I8P, _I64])
+        return _from_amx(builder, builder.call(fn, [_ROWS, _BYTES, ptr, step]))
+    return tile(arr, i, stride), codegen
+
+
+@intrinsic
+def tile_store(typingctx, arr, i, stride, t):
+    """Store a tile's 16 rows of 64 bytes to ``arr.flat[i:]``, ``stride`` bytes apart."""
+    if not (isinstance(arr, types.Array) and arr.layout == "C" and isinstance(i, types.Integer)
+            and isinstance(stride, types.Integer) and t == tile):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _byte_ptr(context, builder, sig, args)
+        step = context.cast(builder, args[2], sig.args[2], types.int64)
+        fn = _declare(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), [_I16, _I16, _I8P, _I64, _AMX])
+        builder.call(fn, [_ROWS, _BYTES, ptr, step, _to_amx(builder, args[3])])
+        return context.get_dummy_value()
+    return types.none(arr, i, stride, t), codegen
+
+
+@intrinsic
+def tile_dpbf16(typingctx, c, a, b):
+    """``tdpbf16ps``: c [16 x 16 fp32] += a [16 x 32 bf16] . b [16 pairs x 16 cols, VNNI]."""
+    if not (c == a == b == tile):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = _declare(builder, "llvm.x86.tdpbf16ps.internal", _AMX, [_I16, _I16, _I16, _AMX, _AMX, _AMX])
+        amx = [_to_amx(builder, v) for v in args]
+        return _from_amx(builder, builder.call(fn, [_ROWS, _BYTES, _BYTES] + amx))
+    return tile(c, a, b), codegen

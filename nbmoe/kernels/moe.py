@@ -38,7 +38,7 @@ sigmoid(g). Nothing else survives a call.
 import numpy as np
 
 from .activation import silu_mul, silu_mul_backward
-from .gemm import TILE_N, grouped_gemm, make_tasks, pack_vnni, padded
+from .gemm import ROW_SLACK, TILE_N, grouped_gemm, make_tasks, pack_vnni, padded
 from .lora import load, outer, project, row_blocks, store
 from .routing import combine_rows, gather_rows, pair_grads, route_pairs
 
@@ -79,13 +79,14 @@ class Workspace:
 
     def __init__(self, E, H, I, r, pairs):
         Hp, Ip = padded(H), padded(I)
-        self.xs = np.zeros((pairs, Hp), np.uint16)
+        operand = pairs + ROW_SLACK                        # GEMM A operands: whole tiles are read
+        self.xs = np.zeros((operand, Hp), np.uint16)
         self.d32 = np.zeros((pairs, Hp), np.float32)       # forward d; backward grad_x per pair
         self.G = np.zeros((pairs, Hp), np.float32)
-        self.G16 = np.zeros((pairs, Hp), np.uint16)
+        self.G16 = np.zeros((operand, Hp), np.uint16)
         self.grad_h = np.zeros((pairs, Ip), np.float32)
         self.dgu = np.zeros((pairs, 2 * Ip), np.float32)
-        self.dgu16 = np.zeros((pairs, 2 * Ip), np.uint16)
+        self.dgu16 = np.zeros((operand, 2 * Ip), np.uint16)
         self.gb_d = np.zeros((pairs, r), np.float32)
         self.gb_gu = np.zeros((pairs, 2 * r), np.float32)
         # LoRA factors per active slot (fp32, padded), and their gradients
