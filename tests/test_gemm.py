@@ -1,15 +1,16 @@
 """VNNI packing and the grouped GEMM with its fused LoRA epilogue, against float64."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbmoe.kernels import isa
-from nbmoe.kernels.gemm import PAD, TILE_N, grouped_gemm, make_tasks, pack_vnni, padded
+from nbmoe.kernels.gemm import PAD, ROW_SLACK, TILE_N, PackedMatrix, grouped_gemm, make_tasks, pack_vnni, padded
 from nbmoe.reference import round_bf16
+from conftest import RUNNABLE
 from helpers import BF16, assert_fp32_sums, rel
 
-ROUTE = isa.choose_route()
 
 
 def _unpack(packed, N, K):
@@ -32,13 +33,15 @@ def test_pack_vnni_round_trips(E, N, K, transposed):
         not np.any(_unpack(packed, padded(N), padded(K))[:, :, K:])
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.parametrize("route", RUNNABLE)
+@settings(max_examples=40, deadline=None)
 @given(E=st.integers(1, 5), N=st.integers(1, 80), K=st.integers(1, 80), R=st.sampled_from([0, 1, 4]),
-       groups=st.sampled_from([1, 2]), seed=st.integers(0, 2**31 - 1))
-def test_grouped_gemm_matches_float64(E, N, K, R, groups, seed):
+       groups=st.sampled_from([1, 2]), most=st.sampled_from([3, 9, 40]), seed=st.integers(0, 2**31 - 1))
+def test_grouped_gemm_matches_float64(route, E, N, K, R, groups, most, seed):
+    # up to 40 rows an expert: full blocks and tails of every route (4, 8 and 32 rows)
     rng = np.random.default_rng(seed)
     Np, Kp = padded(N), padded(K)
-    counts = rng.integers(0, 7, E)
+    counts = rng.integers(0, most + 1, E)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     P = int(offsets[-1])
     active = np.flatnonzero(counts)
@@ -48,7 +51,7 @@ def test_grouped_gemm_matches_float64(E, N, K, R, groups, seed):
     packed = np.zeros((E, groups * Np // 16, Kp // 2, 16), np.uint32)
     for g in range(groups):
         pack_vnni(w[:, g * N:(g + 1) * N].view(np.uint16), packed, g * Np // 16, 0)
-    a = np.zeros((P + 2, Kp), np.uint16)
+    a = np.zeros((P + ROW_SLACK, Kp), np.uint16)
     a[:P, :K] = rng.standard_normal((P, K)).astype(BF16).view(np.uint16)
     lora_l = rng.standard_normal((P + 2, groups * R)).astype(np.float32)
     lora_r = np.zeros((max(active.size, 1), R, groups * Np), np.float32)
@@ -58,7 +61,7 @@ def test_grouped_gemm_matches_float64(E, N, K, R, groups, seed):
     out32 = np.full((P + 2, groups * Np), np.nan, np.float32)
     out16 = np.zeros((P + 2, groups * Np), np.uint16)
     tasks = make_tasks(offsets, slot_of_expert, groups * Np // TILE_N)
-    grouped_gemm(ROUTE, a.view(np.uint32), packed, offsets, slot_of_expert, tasks, lora_l, lora_r, Np,
+    grouped_gemm(isa.Route(route, ""), a.view(np.uint32), packed, offsets, slot_of_expert, tasks, lora_l, lora_r, Np,
                  scale, out32, out16)
     x = a.view(BF16).astype(np.float64)
     for e in active:
@@ -79,3 +82,14 @@ def test_grouped_gemm_matches_float64(E, N, K, R, groups, seed):
 def test_padding_constants():
     assert PAD % TILE_N == 0 and TILE_N % 16 == 0
     assert padded(1) == PAD and padded(PAD) == PAD and padded(PAD + 1) == 2 * PAD
+
+
+@pytest.mark.parametrize("route", RUNNABLE)
+def test_packed_matrix_matmul(route):
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((37, 70)).astype(BF16)
+    w = rng.standard_normal((50, 70)).astype(BF16)
+    out = PackedMatrix(w.view(np.uint16)).matmul(isa.Route(route, ""), a.view(np.uint16))
+    a64, w64 = a.astype(np.float64), w.astype(np.float64)
+    assert out.shape == (37, 50)
+    assert_fp32_sums(out, a64 @ w64.T, np.abs(a64) @ np.abs(w64).T, 70)

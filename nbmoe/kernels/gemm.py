@@ -113,15 +113,25 @@ def _pair_fma(x, b0l, b0h, b1l, b1h, c0, c1):
 @overload(_block, jit_options=JIT)
 def _block_fma(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
     """generic / avx512: widen each weight pair to two fp32 vectors once per step, 2 FMAs
-    per row; 4 rows x 32 columns = 8 accumulators (fits 16 registers of any vector ISA)."""
+    per row; 4 rows x 32 columns = 8 accumulators (fits 16 registers of any vector ISA).
+    A tail of fewer rows runs one row at a time over the (now cache-resident) weights."""
     if route.route not in ("generic", "avx512"):
         return None
 
     def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
-        r1, r2, r3 = min(m + 1, last), min(m + 2, last), min(m + 3, last)
+        w1 = w0 + k2 * LANES
+        if last - m + 1 < MR:                     # a short tail: one row at a time, no waste
+            for r in range(m, last + 1):
+                c0, c1 = vzero(), vzero()
+                for p in range(k2):
+                    b0 = vload(w, w0 + p * LANES)
+                    b1 = vload(w, w1 + p * LANES)
+                    c0, c1 = _pair_fma(a[r, p], vpair_lo(b0), vpair_hi(b0), vpair_lo(b1), vpair_hi(b1), c0, c1)
+                _finish_row(r, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
+            return
+        r1, r2, r3 = m + 1, m + 2, m + 3
         c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
         c20, c21, c30, c31 = vzero(), vzero(), vzero(), vzero()
-        w1 = w0 + k2 * LANES
         for p in range(k2):
             b0 = vload(w, w0 + p * LANES)
             b1 = vload(w, w1 + p * LANES)
@@ -131,8 +141,7 @@ def _block_fma(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale
             c20, c21 = _pair_fma(a[r2, p], b0l, b0h, b1l, b1h, c20, c21)
             c30, c31 = _pair_fma(a[r3, p], b0l, b0h, b1l, b1h, c30, c31)
         for i, (c0, c1) in enumerate(((c00, c01), (c10, c11), (c20, c21), (c30, c31))):
-            if m + i <= last:
-                _finish_row(m + i, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
+            _finish_row(m + i, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
     return impl
 
 
@@ -144,18 +153,25 @@ def _dp2(x, b0, b1, c0, c1):
 @overload(_block, jit_options=JIT)
 def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
     """avx512_bf16: one ``vdpbf16ps`` per row and 16 columns per K pair, the row's pair
-    broadcast; 8 rows x 32 columns = 16 accumulators of the 32 zmm registers."""
+    broadcast; 8 rows x 32 columns = 16 accumulators of the 32 zmm registers. A tail of
+    fewer rows runs one row at a time (decode: one row per expert, no wasted products)."""
     if route.route != "avx512_bf16":
         return None
 
     def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
-        r1, r2, r3 = min(m + 1, last), min(m + 2, last), min(m + 3, last)
-        r4, r5, r6, r7 = min(m + 4, last), min(m + 5, last), min(m + 6, last), min(m + 7, last)
+        w1 = w0 + k2 * LANES
+        if last - m + 1 < MR_BF16:                # a short tail: one row at a time, no waste
+            for r in range(m, last + 1):
+                c0, c1 = vzero(), vzero()
+                for p in range(k2):
+                    c0, c1 = _dp2(vsplat_pair(a[r, p]), vload(w, w0 + p * LANES), vload(w, w1 + p * LANES), c0, c1)
+                _finish_row(r, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
+            return
+        r1, r2, r3, r4, r5, r6, r7 = m + 1, m + 2, m + 3, m + 4, m + 5, m + 6, m + 7
         c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
         c20, c21, c30, c31 = vzero(), vzero(), vzero(), vzero()
         c40, c41, c50, c51 = vzero(), vzero(), vzero(), vzero()
         c60, c61, c70, c71 = vzero(), vzero(), vzero(), vzero()
-        w1 = w0 + k2 * LANES
         for p in range(k2):
             b0 = vload(w, w0 + p * LANES)
             b1 = vload(w, w1 + p * LANES)
@@ -169,8 +185,7 @@ def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scal
             c70, c71 = _dp2(vsplat_pair(a[r7, p]), b0, b1, c70, c71)
         for i, (c0, c1) in enumerate(((c00, c01), (c10, c11), (c20, c21), (c30, c31),
                                       (c40, c41), (c50, c51), (c60, c61), (c70, c71))):
-            if m + i <= last:
-                _finish_row(m + i, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
+            _finish_row(m + i, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
     return impl
 
 
@@ -256,3 +271,37 @@ def grouped_gemm(route, a, w, offsets, slot_of_expert, tasks, lora_l, lora_r, gr
         last = offsets[e + 1] - 1
         for m in range(offsets[e], last + 1, block_rows(route)):
             _block(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16)
+
+
+class PackedMatrix:
+    """One bf16 weight ``W [N, K]`` packed once; ``matmul`` computes ``a @ W.T`` in fp32.
+
+    The plain GEMM of the layer's kernels (one expert, no LoRA), for users and for the
+    side-by-side with ``torch.matmul``. ``a`` is copied into a padded operand buffer
+    (grown as needed, reused): rows past M are read as whole tiles, never written.
+    """
+
+    def __init__(self, w):
+        N, K = w.shape
+        self.shape = (N, K)
+        self.packed = np.zeros((1, padded(N) // LANES, padded(K) // 2, LANES), np.uint32)
+        pack_vnni(w.reshape(1, N, K), self.packed, 0, 0)
+        self._operand = np.zeros((0, padded(K)), np.uint16)
+        self._no_lora = np.zeros((1, 0, padded(N)), np.float32)
+
+    def matmul(self, route, a, out=None):
+        """a [M, K] uint16 (bf16 bits) -> out [M, N] float32 (a view of a padded array
+        unless N is a multiple of ``PAD``; pass ``out`` [M, padded(N)] to reuse one)."""
+        N, K = self.shape
+        M = a.shape[0]
+        if self._operand.shape[0] < M + ROW_SLACK:
+            self._operand = np.zeros((M + ROW_SLACK, padded(K)), np.uint16)
+        self._operand[:M, :K] = a
+        out = np.empty((M, padded(N)), np.float32) if out is None else out
+        offsets = np.array([0, M], np.int64)
+        slot = np.zeros(1, np.int64)
+        lora_l = np.zeros((M, 0), np.float32)
+        grouped_gemm(route, self._operand.view(np.uint32), self.packed, offsets, slot,
+                     make_tasks(offsets, slot, padded(N) // TILE_N), lora_l, self._no_lora, padded(N),
+                     np.float32(0), out, np.zeros((0, 0), np.uint16))
+        return out[:, :N]

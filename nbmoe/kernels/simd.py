@@ -14,13 +14,18 @@ Conventions:
 - a ``u32x16`` of packed weights holds 16 VNNI pairs: lane ``j`` carries the
   bf16 elements ``(w[j, 2p], w[j, 2p+1])`` in its low and high half.
 - bf16 rounding is round-to-nearest-even; NaN stays NaN (quiet bit set).
+- ``+ - * /`` and unary ``-`` work on ``f32x16`` values (IEEE, lane-wise); ``vexp`` is
+  exp within 3 ulp (measured 2.7) over float32's normal range (``exp`` of ``-inf``/underflow is 0, of
+  overflow ``inf``, NaN stays NaN).
 """
+
+import operator
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, overload, register_model
+from numba.extending import intrinsic, models, overload, register_model, type_callable
 
 from ..config import JIT
 
@@ -287,3 +292,79 @@ def _as_f32(x):
     if x == types.float32:
         return lambda x: x
     return None
+
+
+def _binary(op, name):
+    @intrinsic
+    def lanewise(typingctx, a, b):
+        if not (a == b == f32x16):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, name)(args[0], args[1])
+        return f32x16(a, b), codegen
+
+    @overload(op, jit_options=JIT)
+    def _op(a, b):
+        if a == b == f32x16:
+            return lambda a, b: lanewise(a, b)
+        return None
+
+
+for _op, _name in ((operator.add, "fadd"), (operator.sub, "fsub"), (operator.mul, "fmul"),
+                   (operator.truediv, "fdiv")):
+    _binary(_op, _name)
+
+
+@intrinsic
+def _vneg(typingctx, a):
+    if a != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fneg(args[0])
+    return f32x16(a), codegen
+
+
+@overload(operator.neg, jit_options=JIT)
+def _neg(a):
+    if a == f32x16:
+        return lambda a: _vneg(a)
+    return None
+
+
+def _vconst(value):
+    return ir.Constant(_F32X16, [float(np.float32(value))] * LANES)
+
+
+@intrinsic
+def vexp(typingctx, x):
+    """exp of 16 float32 lanes: n = round(x / ln2), r = x - n ln2 (two-part ln2),
+    exp(r) by its degree-6 Taylor polynomial (|r| <= ln2/2), times 2^n
+    built in the exponent bits (two steps, so n down to -149 reaches the subnormals)."""
+    if x != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        def call(name, *vals):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32X16, [_F32X16] * len(vals)),
+                                                name)
+            return builder.call(fn, list(vals))
+        v = args[0]
+        clamped = call("llvm.minnum.v16f32", call("llvm.maxnum.v16f32", v, _vconst(-104.0)), _vconst(89.0))
+        n = call("llvm.rint.v16f32", builder.fmul(clamped, _vconst(1.4426950408889634)))
+        r = builder.fsub(clamped, builder.fmul(n, _vconst(0.693145751953125)))
+        r = builder.fsub(r, builder.fmul(n, _vconst(1.428606765330187e-06)))
+        poly = _vconst(1.0 / 720)
+        for c in (1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
+            poly = call("llvm.fma.v16f32", poly, r, _vconst(c))
+        ni = builder.fptosi(n, _I32X16)
+        half = builder.ashr(ni, _const_i32x16(1))                      # 2^n = 2^(n/2) 2^(n - n/2)
+        scale_a = builder.bitcast(builder.shl(builder.add(half, _const_i32x16(127)), _const_i32x16(23)), _F32X16)
+        rest = builder.sub(ni, half)
+        scale_b = builder.bitcast(builder.shl(builder.add(rest, _const_i32x16(127)), _const_i32x16(23)), _F32X16)
+        out = builder.fmul(builder.fmul(poly, scale_a), scale_b)
+        out = builder.select(builder.fcmp_ordered(">", v, _vconst(88.72283935546875)), _vconst(np.inf), out)
+        out = builder.select(builder.fcmp_ordered("<", v, _vconst(-103.97208)), _vconst(0.0), out)
+        return builder.select(builder.fcmp_unordered("uno", v, v), v, out)
+    return f32x16(x), codegen
