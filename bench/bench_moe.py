@@ -2,7 +2,8 @@
 
     python -m pytest bench/bench_moe.py --benchmark-only --benchmark-group-by=param:T
 
-The same comparison as ``python -m nbmoe bench`` (which adds the roofline column).
+The same comparison as ``python -m nbmoe bench`` (which adds the roofline column), on the
+route NBMOE_ISA names or the best this CPU runs.
 """
 
 import numba
@@ -11,9 +12,11 @@ import pytest
 import torch
 
 from nbmoe import MoELayer, bench
+from nbmoe.kernels import isa
+from nbmoe.kernels.gemm import PackedMatrix
 
 SHAPE = bench.QWEN3_30B_A3B
-TOKENS = [1, 128, 1024]
+TOKENS = [1, 16, 128, 1024, 4096]
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +81,24 @@ def test_eager_forward_backward(benchmark, eager, T):
     def step():
         eager.forward(x.detach().requires_grad_(True), ids, w.detach().requires_grad_(True)).backward(grad_y)
     benchmark(step)
+
+
+@pytest.fixture(scope="module")
+def single():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((512, 2048), dtype=np.float32).astype(np.float32)
+    w = rng.standard_normal((1536, 2048), dtype=np.float32) * np.float32(2048 ** -0.5)
+    return a.astype(bench.ml_dtypes.bfloat16), w.astype(bench.ml_dtypes.bfloat16)
+
+
+def test_single_gemm_nbmoe(benchmark, single):
+    a, w = single
+    packed, route = PackedMatrix(w.view(np.uint16)), isa.choose_route()
+    out = np.empty((512, 1536), np.float32)
+    benchmark(packed.matmul, route, a.view(np.uint16), out)
+
+
+def test_single_gemm_torch(benchmark, single):
+    torch.set_num_threads(numba.get_num_threads())
+    a, w = (torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) for x in single)
+    benchmark(torch.matmul, a, w.T)

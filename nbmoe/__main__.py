@@ -18,6 +18,7 @@ import numpy as np
 
 from . import __version__, bench, info, reference
 from .bench import QWEN3_30B_A3B
+from .kernels import isa
 
 
 def _shape_flags(parser, tokens):
@@ -28,7 +29,7 @@ def _shape_flags(parser, tokens):
     parser.add_argument("--intermediate", "-I", type=int, default=d["intermediate"])
     parser.add_argument("--rank", "-r", type=int, default=d["rank"], help="LoRA rank, 0 for none")
     parser.add_argument("--tokens", "-T", type=int, nargs="+" if tokens is None else None,
-                        default=tokens or [1, 128, 1024])
+                        default=tokens or [1, 16, 128, 1024, 4096])
     parser.add_argument("--threads", type=int, default=None, help="Numba (and torch) threads")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -109,14 +110,16 @@ def cmd_info(args):
 
 def cmd_bench(args):
     _header()
-    ceilings = bench.measure_ceilings()
-    print(f"machine: fp32 FMA peak {ceilings.fma_gflops:.0f} GFLOP/s, read {ceilings.read_gbs:.1f} GB/s "
-          f"(measured now, {numba.get_num_threads()} threads)")
     E, k, H, I, r = args.experts, args.topk, args.hidden, args.intermediate, args.rank
-    print(f"layer: E={E} k={k} H={H} I={I} r={r}; median of {args.repeat}")
     gate, up, down, lora = bench.layer_weights(E, H, I, r, args.seed)
-    layer, rows = bench.side_by_side(gate, up, down, lora, args.tokens, repeat=args.repeat)
-    print(f"route {layer.route.name}")
+    layer, rows = bench.side_by_side(gate, up, down, lora, args.tokens, k, repeat=args.repeat,
+                                     route=args.route)
+    route = layer.route
+    ceilings = bench.measure_ceilings(route)
+    print(f"route {route.name}; measured now, {numba.get_num_threads()} threads: {ceilings.peak_of} peak "
+          f"{ceilings.peak_gflops:.0f} GFLOP/s, read {ceilings.read_gbs:.1f} GB/s")
+    print(f"layer: E={E} k={k} H={H} I={I} r={r}; median of {args.repeat}; "
+          f"roofline = max(FLOP / peak, weight bytes / read) / time")
     head = (f"{'T':>5} | {'pass':8} | {'nbmoe ms':>9} | {'eager ms':>9} | {'speedup':>7} | "
             f"{'GFLOP/s':>7} | {'roofline':>8}")
     print(head)
@@ -127,6 +130,9 @@ def cmd_bench(args):
                 ("fwd+bwd", row.nbmoe_step_s, row.eager_step_s, row.step_flop, row.step_bytes)):
             print(f"{row.T:>5} | {name:8} | {ours * 1e3:9.2f} | {theirs * 1e3:9.2f} | {theirs / ours:6.2f}x | "
                   f"{flop / ours / 1e9:7.1f} | {ceilings.roofline_s(flop, nbytes) / ours:8.2f}")
+    ours, theirs, flop = bench.single_gemm(route)
+    print(f"single bf16 GEMM M=512 K=2048 N=1536: nbmoe {ours * 1e3:.2f} ms ({flop / ours / 1e9:.0f} GFLOP/s), "
+          f"torch.matmul {theirs * 1e3:.2f} ms ({flop / theirs / 1e9:.0f} GFLOP/s): {theirs / ours:.2f}x")
     return 0
 
 
@@ -142,6 +148,8 @@ def main(argv=None):
     bench_parser = sub.add_parser("bench", help="nbmoe vs PyTorch eager across T")
     _shape_flags(bench_parser, tokens=None)
     bench_parser.add_argument("--repeat", type=int, default=3)
+    bench_parser.add_argument("--route", choices=isa.ROUTES, default=None,
+                              help="kernel route (default: NBMOE_ISA, else the best this CPU runs)")
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         numba.set_num_threads(args.threads)

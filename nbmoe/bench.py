@@ -16,7 +16,8 @@ import ml_dtypes
 import numba
 import numpy as np
 
-from .kernels.peak import ACC, fma_spin, read_stream
+from .kernels.gemm import PackedMatrix
+from .kernels.peak import ACC, amx_spin, dpbf16_spin, fma_spin, read_stream
 from .layer import LoRAWeights, MoELayer
 
 QWEN3_30B_A3B = dict(experts=128, topk=8, hidden=2048, intermediate=768, rank=16)
@@ -84,28 +85,33 @@ def weight_bytes(ids, E, H, I):
 
 @dataclass
 class Ceilings:
-    fma_gflops: float      # fp32 FMA, all threads
+    peak_gflops: float     # the route's instruction, all threads
+    peak_of: str           # which instruction
     read_gbs: float        # streaming read, all threads
 
     def roofline_s(self, flop, nbytes):
-        return max(flop / (self.fma_gflops * 1e9), nbytes / (self.read_gbs * 1e9))
+        return max(flop / (self.peak_gflops * 1e9), nbytes / (self.read_gbs * 1e9))
 
 
-def measure_ceilings(read_mib=1024):
-    """fp32 FMA peak and read bandwidth of this machine, best of a few runs."""
+# route -> (spin kernel, FLOP per iteration per work item, iterations, instruction)
+_SPINS = {"generic": (fma_spin, 2 * 16 * ACC, 2_000_000, "fp32 FMA"),
+          "avx512": (fma_spin, 2 * 16 * ACC, 2_000_000, "fp32 FMA"),
+          "avx512_bf16": (dpbf16_spin, 64 * ACC, 2_000_000, "vdpbf16ps"),
+          "amx": (amx_spin, 4 * 16 * 16 * 32 * 2, 200_000, "tdpbf16ps")}
+
+
+def measure_ceilings(route, read_mib=1024):
+    """The peak of ``route``'s instruction and the read bandwidth, best of a few runs
+    (shared machines vary run to run: the best is the ceiling)."""
+    spin, flop, iters, instruction = _SPINS[route.name]
     threads = numba.get_num_threads()
     out = np.zeros(threads, np.float32)
-    fma_spin(1000, out)
-    iters = 2_000_000
-    best = 0.0
-    for _ in range(4):
-        t = time.perf_counter()
-        fma_spin(iters, out)
-        best = max(best, 2 * 16 * ACC * iters * threads / (time.perf_counter() - t))
+    spin(10, out)
+    peak = max(flop * iters * threads / _timed(lambda: spin(iters, out)) for _ in range(4))
     data = np.ones(read_mib << 18, np.float32)
     read_stream(data, 64)
     bandwidth = max(data.nbytes / _timed(lambda: read_stream(data, 64)) for _ in range(3))
-    return Ceilings(best / 1e9, bandwidth / 1e9)
+    return Ceilings(peak / 1e9, instruction, bandwidth / 1e9)
 
 
 def _timed(fn):
@@ -179,7 +185,7 @@ class Row:
     step_bytes: float
 
 
-def side_by_side(gate, up, down, lora, tokens, repeat=3, max_tokens=None):
+def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None):
     """Time nbmoe and the eager baseline on the same data, forward and forward+backward,
     for each T in ``tokens``; torch uses Numba's thread count."""
     import torch
@@ -187,8 +193,7 @@ def side_by_side(gate, up, down, lora, tokens, repeat=3, max_tokens=None):
     torch.set_num_threads(numba.get_num_threads())
     E, I, H = gate.shape
     r = 0 if lora is None else lora.gate_a.shape[1]
-    k = QWEN3_30B_A3B["topk"] if E >= QWEN3_30B_A3B["topk"] else 1
-    layer = MoELayer(gate, up, down, lora=lora, max_tokens=max_tokens or max(tokens))
+    layer = MoELayer(gate, up, down, lora=lora, max_tokens=max(tokens), route=route)
     eager = EagerExperts(gate, up, down, lora)
     rows = []
     for T in tokens:
@@ -224,3 +229,20 @@ def side_by_side(gate, up, down, lora, tokens, repeat=3, max_tokens=None):
                         median_time(nb_step, repeat), median_time(eager_step, repeat),
                         fwd_flop, fwd_flop + bwd_flop, nbytes, 2 * nbytes))
     return layer, rows
+
+
+def single_gemm(route, M=512, K=2048, N=1536, repeat=20):
+    """(nbmoe s, torch.matmul s, FLOP) for one bf16 GEMM ``a [M, K] @ w [N, K]^T``."""
+    import torch
+
+    torch.set_num_threads(numba.get_num_threads())
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((M, K), dtype=np.float32).astype(ml_dtypes.bfloat16)
+    w = (rng.standard_normal((N, K), dtype=np.float32) * K ** -0.5).astype(ml_dtypes.bfloat16)
+    packed = PackedMatrix(w.view(np.uint16))
+    out = np.empty((M, packed.packed.shape[1] * 16), np.float32)
+    as_torch = lambda x: torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    ta, tw = as_torch(a), as_torch(w)
+    ours = median_time(lambda: packed.matmul(route, a.view(np.uint16), out), repeat)
+    theirs = median_time(lambda: torch.matmul(ta, tw.T), repeat)
+    return ours, theirs, 2 * M * N * K

@@ -4,7 +4,11 @@ reference (a comparison with a different function would mean nothing), and the c
 import numpy as np
 import torch
 
+import pytest
+
 from nbmoe import bench
+from nbmoe.kernels import isa, peak
+from conftest import RUNNABLE
 from helpers import Problem, assert_close, rel
 
 
@@ -39,3 +43,22 @@ def test_layer_weights_are_at_realistic_scale():
     problem = Problem(seed=0, E=4, k=2, H=256, I=128, r=0, T=4)
     problem.gate, problem.up, problem.down, problem.lora = gate, up, down, lora
     assert_close(problem, *problem.run(max_tokens=4))
+
+
+@pytest.mark.parametrize("route", RUNNABLE)
+def test_peak_spins_do_the_arithmetic_they_count(route):
+    out = np.zeros(2, np.float32)
+    spin, flop, _, _ = bench._SPINS[route]
+    spin(3, out)
+    if route == "amx":              # 4 tiles of 16 x 16, each element 3 steps x 32 products of 1 x 1
+        assert np.all(out == 4 * 256 * 3 * 32)
+    elif route == "avx512_bf16":    # item i: 12 chains x 16 lanes x 3 x (1 * y + 1 * 0), y = bf16 bits 0x3F80 + i
+        y = np.array([0x3F80, 0x3F81], np.uint16).view(bench.ml_dtypes.bfloat16).astype(np.float64)
+        assert out[0] == 12 * 16 * 3 * y[0] and out[1] == 12 * 16 * 3 * y[1]
+    else:
+        assert np.all(np.isfinite(out)) and flop == 2 * 16 * peak.ACC
+
+
+def test_read_stream_reads_everything():
+    data = np.arange(16 * 64 * 4, dtype=np.float32)
+    assert peak.read_stream(data, 64) == data.sum()

@@ -45,7 +45,7 @@ from numba.core import cgutils
 from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
 
 from ..config import JIT_PARALLEL
-from .simd import _I32X16, _F32X16, _lane_ptr, f32x16, u32x16
+from .simd import LLVM_F32X16, LLVM_I32X16, f32x16, lane_ptr, u32x16
 
 ROUTES = ("amx", "avx512_bf16", "avx512", "generic")
 
@@ -208,9 +208,9 @@ def vsplat_pair(typingctx, x):
 
     def codegen(context, builder, sig, args):
         value = context.cast(builder, args[0], sig.args[0], types.uint32)
-        one = builder.insert_element(ir.Constant(_I32X16, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(one, ir.Constant(_I32X16, ir.Undefined),
-                                      ir.Constant(_I32X16, [0] * 16))
+        one = builder.insert_element(ir.Constant(LLVM_I32X16, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(one, ir.Constant(LLVM_I32X16, ir.Undefined),
+                                      ir.Constant(LLVM_I32X16, [0] * 16))
     return u32x16(x), codegen
 
 
@@ -221,7 +221,7 @@ def vdpbf16(typingctx, acc, a, b):
         return None
 
     def codegen(context, builder, sig, args):
-        fn = _declare(builder, "llvm.x86.avx512bf16.dpbf16ps.512", _F32X16, [_F32X16, _BF16X32, _BF16X32])
+        fn = _declare(builder, "llvm.x86.avx512bf16.dpbf16ps.512", LLVM_F32X16, [LLVM_F32X16, _BF16X32, _BF16X32])
         return builder.call(fn, [args[0], builder.bitcast(args[1], _BF16X32), builder.bitcast(args[2], _BF16X32)])
     return f32x16(acc, a, b), codegen
 
@@ -251,7 +251,7 @@ def _from_amx(builder, value):
 
 
 def _byte_ptr(context, builder, sig, args):
-    ptr = _lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.IntType(8))
+    ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.IntType(8))
     return builder.bitcast(ptr, _I8P)
 
 

@@ -1,15 +1,23 @@
-"""The machine's ceilings, measured: fp32 FMA throughput and streaming read bandwidth.
+"""The machine's ceilings, measured: each route's peak and streaming read bandwidth.
 
-The roofline of DESIGN.md section 10 is ``max(FLOPs / peak, bytes / bandwidth)``.
-``fma_spin`` keeps ``ACC`` independent ``f32x16`` FMA chains per thread (enough to
-cover FMA latency on two ports); ``read_stream`` sums a large array with one private
-partial sum per thread, reduced after the parallel loop.
+The roofline of DESIGN.md section 10 is ``max(FLOPs / peak, bytes / bandwidth)``, with
+the peak of the instruction the route runs on:
+
+- ``fma_spin``: ``ACC`` independent ``f32x16`` FMA chains per work item (generic, avx512);
+- ``dpbf16_spin``: ``ACC`` ``vdpbf16ps`` chains (avx512_bf16);
+- ``amx_spin``: 2 x 2 ``tdpbf16ps`` accumulator tiles fed by 4 tile loads from L1 per
+  step, the shape of the GEMM's AMX block (amx; the process must hold AMX state);
+- ``read_stream``: sums a large array, one private partial sum per work item, reduced
+  after the parallel loop.
+
+Each returns the FLOP (or bytes) it did per work item; the caller divides by the time.
 """
 
 import numpy as np
 from numba import njit, prange
 
 from ..config import JIT, JIT_PARALLEL
+from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdpbf16, vsplat_pair
 from .simd import LANES, vfma, vhsum, vload, vsplat, vzero
 
 ACC = 12
@@ -54,6 +62,51 @@ def fma_spin(iters, out):
     (2 * 16 * ACC * iters FLOP); out [n] float32 keeps the results alive."""
     for i in prange(out.shape[0]):
         out[i] = _fma_chains(iters, np.float32(i + 1))
+
+
+@njit(**JIT)
+def _dpbf16_chains(iters, seed):
+    x = vsplat_pair(np.uint32(0x3F803F80))
+    y = vsplat_pair(np.uint32(seed))
+    a0, a1, a2, a3, a4, a5 = vzero(), vzero(), vzero(), vzero(), vzero(), vzero()
+    a6, a7, a8, a9, a10, a11 = vzero(), vzero(), vzero(), vzero(), vzero(), vzero()
+    for _ in range(iters):
+        a0, a1, a2, a3 = vdpbf16(a0, x, y), vdpbf16(a1, x, y), vdpbf16(a2, x, y), vdpbf16(a3, x, y)
+        a4, a5, a6, a7 = vdpbf16(a4, x, y), vdpbf16(a5, x, y), vdpbf16(a6, x, y), vdpbf16(a7, x, y)
+        a8, a9, a10, a11 = vdpbf16(a8, x, y), vdpbf16(a9, x, y), vdpbf16(a10, x, y), vdpbf16(a11, x, y)
+    return vhsum(a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11)
+
+
+@njit(**JIT_PARALLEL)
+def dpbf16_spin(iters, out):
+    """Each work item runs ``iters`` x ``ACC`` ``vdpbf16ps`` (64 FLOP each)."""
+    for i in prange(out.shape[0]):
+        out[i] = _dpbf16_chains(iters, np.uint32(0x3F80 + i))
+
+
+@njit(**JIT)
+def _amx_steps(iters, buf):
+    c0, c1, c2, c3 = tile_zero(), tile_zero(), tile_zero(), tile_zero()
+    for i in range(iters):
+        at = (i & 3) * LANES                    # moving addresses: the loads stay in the loop
+        a0 = tile_load(buf, at, 64)
+        a1 = tile_load(buf, 256 + at, 64)
+        b0 = tile_load(buf, 512 + at, 64)
+        b1 = tile_load(buf, 768 + at, 64)
+        c0, c1 = tile_dpbf16(c0, a0, b0), tile_dpbf16(c1, a0, b1)
+        c2, c3 = tile_dpbf16(c2, a1, b0), tile_dpbf16(c3, a1, b1)
+    out = np.empty(4 * 256, np.float32)
+    for j, c in enumerate((c0, c1, c2, c3)):
+        tile_store(out, j * 256, 64, c)
+    return out.sum()
+
+
+@njit(**JIT_PARALLEL)
+def amx_spin(iters, out):
+    """Each work item runs ``iters`` x 4 ``tdpbf16ps`` (16 x 16 x 32 x 2 FLOP each)."""
+    for i in prange(out.shape[0]):
+        buf = np.full(1024 + 4 * LANES, np.uint32(0x3F803F80))
+        out[i] = _amx_steps(iters, buf)
 
 
 @njit(**JIT_PARALLEL)

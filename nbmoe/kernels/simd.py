@@ -34,8 +34,8 @@ LANES = 16
 _F32 = ir.FloatType()
 _I16 = ir.IntType(16)
 _I32 = ir.IntType(32)
-_F32X16 = ir.VectorType(_F32, LANES)
-_I32X16 = ir.VectorType(_I32, LANES)
+LLVM_F32X16 = ir.VectorType(_F32, LANES)
+LLVM_I32X16 = ir.VectorType(_I32, LANES)
 _I16X16 = ir.VectorType(_I16, LANES)
 
 
@@ -56,20 +56,20 @@ u32x16 = U32x16()
 @register_model(F32x16)
 class _F32x16Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _F32X16)
+        super().__init__(dmm, fe_type, LLVM_F32X16)
 
 
 @register_model(U32x16)
 class _U32x16Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _I32X16)
+        super().__init__(dmm, fe_type, LLVM_I32X16)
 
 
 def _c_array(ty, dtype):
     return isinstance(ty, types.Array) and ty.layout == "C" and ty.dtype == dtype
 
 
-def _lane_ptr(context, builder, arr_ty, arr, idx_ty, idx, vec_ty):
+def lane_ptr(context, builder, arr_ty, arr, idx_ty, idx, vec_ty):
     data = context.make_array(arr_ty)(context, builder, arr).data
     idx = context.cast(builder, idx, idx_ty, types.intp)
     return builder.bitcast(builder.gep(data, [idx]), vec_ty.as_pointer())
@@ -82,14 +82,14 @@ def _splat(builder, vec_ty, scalar):
 
 
 def _const_i32x16(value):
-    return ir.Constant(_I32X16, [value] * LANES)
+    return ir.Constant(LLVM_I32X16, [value] * LANES)
 
 
 @intrinsic
 def vzero(typingctx):
     """A ``f32x16`` of zeros."""
     def codegen(context, builder, sig, args):
-        return ir.Constant(_F32X16, None)
+        return ir.Constant(LLVM_F32X16, None)
     return f32x16(), codegen
 
 
@@ -101,11 +101,11 @@ def vsplat(typingctx, x):
 
     def codegen(context, builder, sig, args):
         value = context.cast(builder, args[0], sig.args[0], types.float32)
-        return _splat(builder, _F32X16, value)
+        return _splat(builder, LLVM_F32X16, value)
     return f32x16(x), codegen
 
 
-_VECTOR_OF = {types.float32: (f32x16, _F32X16), types.uint32: (u32x16, _I32X16)}
+_VECTOR_OF = {types.float32: (f32x16, LLVM_F32X16), types.uint32: (u32x16, LLVM_I32X16)}
 
 
 @intrinsic
@@ -118,7 +118,7 @@ def vload(typingctx, arr, i):
     result, vec_ty = _VECTOR_OF[arr.dtype]
 
     def codegen(context, builder, sig, args):
-        ptr = _lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], vec_ty)
+        ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], vec_ty)
         return builder.load(ptr, align=4)
     return result(arr, i), codegen
 
@@ -130,7 +130,7 @@ def vstore(typingctx, arr, i, v):
         return None
 
     def codegen(context, builder, sig, args):
-        ptr = _lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _F32X16)
+        ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], LLVM_F32X16)
         builder.store(args[2], ptr, align=4)
         return context.get_dummy_value()
     return types.none(arr, i, v), codegen
@@ -143,7 +143,7 @@ def vpair_lo(typingctx, w):
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.bitcast(builder.shl(args[0], _const_i32x16(16)), _F32X16)
+        return builder.bitcast(builder.shl(args[0], _const_i32x16(16)), LLVM_F32X16)
     return f32x16(w), codegen
 
 
@@ -154,7 +154,7 @@ def vpair_hi(typingctx, w):
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.bitcast(builder.and_(args[0], _const_i32x16(-65536)), _F32X16)
+        return builder.bitcast(builder.and_(args[0], _const_i32x16(-65536)), LLVM_F32X16)
     return f32x16(w), codegen
 
 
@@ -165,7 +165,7 @@ def vfma(typingctx, a, b, c):
         return None
 
     def codegen(context, builder, sig, args):
-        fnty = ir.FunctionType(_F32X16, [_F32X16] * 3)
+        fnty = ir.FunctionType(LLVM_F32X16, [LLVM_F32X16] * 3)
         fma = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
         return builder.call(fma, args)
     return f32x16(a, b, c), codegen
@@ -173,14 +173,21 @@ def vfma(typingctx, a, b, c):
 
 @intrinsic
 def vhsum(typingctx, v):
-    """Sum of the 16 lanes, in lane order (an ordered reduction: deterministic)."""
+    """Sum of the 16 lanes by a fixed pairwise tree (lane i + lane i+8, then +4, +2, +1):
+    four dependent adds instead of fifteen, the same order every time: deterministic."""
     if v != f32x16:
         return None
 
     def codegen(context, builder, sig, args):
-        fnty = ir.FunctionType(_F32, [_F32, _F32X16])
-        reduce = cgutils.get_or_insert_function(builder.module, fnty, "llvm.vector.reduce.fadd.v16f32")
-        return builder.call(reduce, [ir.Constant(_F32, -0.0), args[0]])
+        value = args[0]
+        width = LANES
+        while width > 1:
+            width //= 2
+            low = builder.shuffle_vector(value, value, ir.Constant(ir.VectorType(_I32, width), list(range(width))))
+            high = builder.shuffle_vector(value, value, ir.Constant(ir.VectorType(_I32, width),
+                                                                    list(range(width, 2 * width))))
+            value = builder.fadd(low, high)
+        return builder.extract_element(value, ir.Constant(_I32, 0))
     return types.float32(v), codegen
 
 
@@ -191,9 +198,9 @@ def vload_bf16(typingctx, arr, i):
         return None
 
     def codegen(context, builder, sig, args):
-        ptr = _lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _I16X16)
-        wide = builder.zext(builder.load(ptr, align=2), _I32X16)
-        return builder.bitcast(builder.shl(wide, _const_i32x16(16)), _F32X16)
+        ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _I16X16)
+        wide = builder.zext(builder.load(ptr, align=2), LLVM_I32X16)
+        return builder.bitcast(builder.shl(wide, _const_i32x16(16)), LLVM_F32X16)
     return f32x16(arr, i), codegen
 
 
@@ -205,14 +212,14 @@ def vstore_bf16(typingctx, arr, i, v):
 
     def codegen(context, builder, sig, args):
         value = args[2]
-        bits = builder.bitcast(value, _I32X16)
+        bits = builder.bitcast(value, LLVM_I32X16)
         high = builder.lshr(bits, _const_i32x16(16))
         bias = builder.add(_const_i32x16(0x7FFF), builder.and_(high, _const_i32x16(1)))
         rounded = builder.lshr(builder.add(bits, bias), _const_i32x16(16))
         is_nan = builder.fcmp_unordered("uno", value, value)
         quiet = builder.or_(high, _const_i32x16(0x40))
         out = builder.trunc(builder.select(is_nan, quiet, rounded), _I16X16)
-        ptr = _lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _I16X16)
+        ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _I16X16)
         builder.store(out, ptr, align=2)
         return context.get_dummy_value()
     return types.none(arr, i, v), codegen
@@ -334,7 +341,7 @@ def _neg(a):
 
 
 def _vconst(value):
-    return ir.Constant(_F32X16, [float(np.float32(value))] * LANES)
+    return ir.Constant(LLVM_F32X16, [float(np.float32(value))] * LANES)
 
 
 @intrinsic
@@ -347,7 +354,7 @@ def vexp(typingctx, x):
 
     def codegen(context, builder, sig, args):
         def call(name, *vals):
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32X16, [_F32X16] * len(vals)),
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(LLVM_F32X16, [LLVM_F32X16] * len(vals)),
                                                 name)
             return builder.call(fn, list(vals))
         v = args[0]
@@ -358,11 +365,11 @@ def vexp(typingctx, x):
         poly = _vconst(1.0 / 720)
         for c in (1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
             poly = call("llvm.fma.v16f32", poly, r, _vconst(c))
-        ni = builder.fptosi(n, _I32X16)
+        ni = builder.fptosi(n, LLVM_I32X16)
         half = builder.ashr(ni, _const_i32x16(1))                      # 2^n = 2^(n/2) 2^(n - n/2)
-        scale_a = builder.bitcast(builder.shl(builder.add(half, _const_i32x16(127)), _const_i32x16(23)), _F32X16)
+        scale_a = builder.bitcast(builder.shl(builder.add(half, _const_i32x16(127)), _const_i32x16(23)), LLVM_F32X16)
         rest = builder.sub(ni, half)
-        scale_b = builder.bitcast(builder.shl(builder.add(rest, _const_i32x16(127)), _const_i32x16(23)), _F32X16)
+        scale_b = builder.bitcast(builder.shl(builder.add(rest, _const_i32x16(127)), _const_i32x16(23)), LLVM_F32X16)
         out = builder.fmul(builder.fmul(poly, scale_a), scale_b)
         out = builder.select(builder.fcmp_ordered(">", v, _vconst(88.72283935546875)), _vconst(np.inf), out)
         out = builder.select(builder.fcmp_ordered("<", v, _vconst(-103.97208)), _vconst(0.0), out)
