@@ -10,7 +10,9 @@ A ``ForwardCache`` holds everything backward reads, each in its own allocation:
   down-projections ``xa_gu`` = x [A_gate; A_up]^T and ``xa_d`` = h A_down^T (fp32).
 
 ``CacheStack`` allocates ``depth`` slots once; ``reserve`` hands out a free slot or
-raises ``CacheOverflowError`` before anything is written; ``push``/``pop`` are LIFO.
+raises ``CacheOverflowError`` before anything is written; ``push``/``pop`` are LIFO. Each
+saved forward carries a ``tag`` (a counter), so a caller whose backward order is not
+LIFO (torch autograd) can find or drop exactly its own.
 Arrays are ``np.zeros``: the OS commits their pages only when a forward touches
 them, so capacity for ``max_tokens`` costs memory only as far as it is used.
 """
@@ -37,6 +39,7 @@ class ForwardCache:
         self.T = 0
         self.P = 0
         self.n_active = 0
+        self.tag = -1
         self.x = np.zeros((tokens, H), np.uint16)
         self.topk_ids = np.zeros((tokens, k), np.int64)
         self.topk_weights = np.zeros((tokens, k), np.float32)
@@ -63,6 +66,7 @@ class CacheStack:
         self.depth = depth
         self._free = [make_cache() for _ in range(depth)]
         self._stack = []
+        self._tags = 0
 
     def __len__(self):
         return len(self._stack)
@@ -78,19 +82,34 @@ class CacheStack:
 
     def push(self, cache):
         self._free.remove(cache)
+        self._tags += 1
+        cache.tag = self._tags
         self._stack.append(cache)
 
-    def peek(self):
-        """The newest saved forward; raises ``CacheEmptyError`` if none."""
+    def peek(self, tag=None):
+        """The newest saved forward, or the one tagged ``tag``; raises ``CacheEmptyError``."""
         if not self._stack:
             raise CacheEmptyError("backward: no saved forward; call forward(..., "
                                   "save_for_backward=True) first")
-        return self._stack[-1]
+        if tag is None:
+            return self._stack[-1]
+        for cache in self._stack:
+            if cache.tag == tag:
+                return cache
+        raise CacheEmptyError(f"backward: no saved forward with tag {tag} (saved: "
+                              f"{[c.tag for c in self._stack]}); it was consumed or discarded")
 
-    def pop(self):
-        cache = self._stack.pop()
+    def pop(self, cache):
+        self._stack.remove(cache)
         self._free.append(cache)
         return cache
+
+    def drop(self, tag):
+        """Free the saved forward ``tag``, if it is still saved."""
+        for cache in self._stack:
+            if cache.tag == tag:
+                self.pop(cache)
+                return
 
     def slots(self):
         return self._free + self._stack

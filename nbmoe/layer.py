@@ -141,6 +141,27 @@ class MoELayer:
         """How many forwards are saved, awaiting backward."""
         return 0 if self._stack is None else len(self._stack)
 
+    @property
+    def newest_tag(self):
+        """The tag of the newest saved forward (None if none): pass it to ``backward`` or
+        ``discard`` when backward order is not last-in first-out."""
+        return self._stack.peek().tag if self.saved else None
+
+    def discard(self, tag):
+        """Drop the saved forward ``tag`` without a backward (a graph freed unused).
+        A tag already consumed or discarded is ignored."""
+        if self._stack is not None:
+            self._stack.drop(tag)
+
+    def resize(self, max_tokens):
+        """Grow (or shrink) the token capacity; only while no forward is saved."""
+        max_tokens = checks.integer("max_tokens", max_tokens, 1)
+        if self.saved:
+            raise RuntimeError(f"resize: {self.saved} saved forwards still hold buffers of "
+                               f"max_tokens={self.max_tokens}; run their backward first")
+        self.max_tokens = max_tokens
+        self._k, self._stack = None, None
+
     def _lora_view(self):
         lo = self._lora
         if lo is None:
@@ -199,7 +220,7 @@ class MoELayer:
             self._stack.push(cache)
         return y.view(checks.BF16)
 
-    def backward(self, grad_y, accumulate_into=None):
+    def backward(self, grad_y, accumulate_into=None, tag=None):
         """Gradients of the newest saved forward (popped) from grad_y [T, H] bfloat16.
 
         Returns ``MoEGrads``; raises ``CacheEmptyError`` if no forward is saved.
@@ -207,12 +228,12 @@ class MoELayer:
         arrays (float32, LoRA shapes) the LoRA gradients are added into, in place -
         gradient accumulation over micro-batches without allocating; the returned
         ``MoEGrads`` holds those same arrays. Without it the LoRA gradients are new
-        arrays.
+        arrays. ``tag`` (see ``newest_tag``) picks a saved forward other than the newest.
         """
         if self._stack is None:
             raise CacheEmptyError("backward: no saved forward; call forward(..., "
                                   "save_for_backward=True) first")
-        cache = self._stack.peek()
+        cache = self._stack.peek(tag)
         T, k = cache.T, self._k
         gy = checks.bf16_bits("grad_y", grad_y, (T, self.hidden_size), "(T, H)")
         lora = self._lora_view()
@@ -226,6 +247,6 @@ class MoELayer:
                     else _accumulator(accumulate_into, name, shape))
         moe.backward(self.route, self._packed, lora, cache, self._ws, gy, grads,
                      accumulate_into is not None)
-        self._stack.pop()
+        self._stack.pop(cache)
         grads.input = grads.input.view(checks.BF16)
         return grads

@@ -189,3 +189,12 @@ def test_accumulate_into_errors_leave_caches_intact(problem, layer):
     _saved_forward(no_lora, problem)
     with pytest.raises(ValueError, match="accumulate_into: this layer has no LoRA"):
         no_lora.backward(problem.grad_y, accumulate_into=held)
+
+
+def test_resize_refuses_while_forwards_are_saved(problem, layer):
+    _saved_forward(layer, problem)
+    with pytest.raises(RuntimeError, match=r"resize: 1 saved forwards still hold buffers of max_tokens=8"):
+        layer.resize(64)
+    with pytest.raises(nbmoe.CacheEmptyError, match=r"no saved forward with tag 99"):
+        layer.backward(problem.grad_y, tag=99)
+    assert layer.saved == 1

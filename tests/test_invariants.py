@@ -125,6 +125,26 @@ def test_invariant_9_backward_reads_token_order_input_and_post_activation_h():
     assert rel(wrong["down_a"], ref["down_a"]) > 0.2
 
 
+def test_tagged_backward_and_discard_take_exactly_their_own_cache():
+    one = Problem(seed=12, E=5, k=2, H=48, I=32, r=4, T=9)
+    two = Problem(seed=13, E=5, k=2, H=48, I=32, r=4, T=6)
+    two.gate, two.up, two.down, two.lora = one.gate, one.up, one.down, one.lora
+    separate_1 = one.run(max_tokens=9)[1]
+    layer = one.layer(max_tokens=9, cache_depth=2)
+    layer.forward(one.x, one.topk_ids, one.topk_weights, save_for_backward=True)
+    tag_one = layer.newest_tag
+    layer.forward(two.x, two.topk_ids, two.topk_weights, save_for_backward=True)
+    tag_two = layer.newest_tag
+    assert _same(layer.backward(one.grad_y, tag=tag_one), separate_1)      # not the newest: fine
+    layer.discard(tag_two)
+    layer.discard(tag_two)                                                  # twice: ignored
+    assert layer.saved == 0 and layer.newest_tag is None
+    with pytest.raises(nbmoe.CacheEmptyError):
+        layer.backward(two.grad_y)
+    layer.resize(20)                                                         # nothing saved: allowed
+    assert layer.max_tokens == 20 and _same(one.run(layer)[1], separate_1)
+
+
 def test_invariant_10_bit_identical_across_thread_counts_and_runs():
     problem = Problem(seed=10, E=8, k=4, H=96, I=64, r=4, T=24)
     layer = problem.layer(max_tokens=24)
