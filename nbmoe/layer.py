@@ -142,6 +142,11 @@ class MoELayer:
         return 0 if self._stack is None else len(self._stack)
 
     @property
+    def top_k(self):
+        """k, the slots per token that sized the buffers (None before the first forward)."""
+        return self._k
+
+    @property
     def newest_tag(self):
         """The tag of the newest saved forward (None if none): pass it to ``backward`` or
         ``discard`` when backward order is not last-in first-out."""

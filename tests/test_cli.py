@@ -29,3 +29,9 @@ def test_info_prints_route_and_threads():
 def test_bad_flag_is_a_usage_error():
     done = _run("run", "--experts", "many")
     assert done.returncode == 2 and "invalid int value" in done.stderr
+
+
+def test_finetune_prints_the_loss_curve_and_speed():
+    done = _run("finetune", "--steps", "4", "--batch", "2", "--length", "16", "--rank", "4")
+    assert done.returncode == 0, done.stderr
+    assert "loss curve (step: loss): 1:" in done.stdout and "training tokens/s: nbmoe experts" in done.stdout
