@@ -21,10 +21,13 @@ version changes; LoRA parameters are viewed on every call, so an optimizer step 
 by the next forward.
 
 Autograd: a forward saves a cache only when grad is enabled and something needs a
-gradient, so ``torch.no_grad()`` inference and the first pass of
+gradient, so ``torch.no_grad()`` inference and the first pass of reentrant
 ``torch.utils.checkpoint`` push nothing; the recomputation's cache is the one its
 backward pops (by tag, whatever order autograd runs backward in); a graph freed without
-backward releases its cache. Base expert weights must be frozen when training: nbmoe
+backward releases its cache. Non-reentrant checkpointing (transformers' default) runs its
+first pass with grad enabled and recomputes only what saved tensors need: the experts
+keep that first cache (checkpointing then saves the rest of the layer's activations,
+not the experts'); ``use_reentrant=True`` recomputes the experts too. Base expert weights must be frozen when training: nbmoe
 computes no gradient for them, and says so rather than return none silently.
 
 transformers' expert-parallel sentinel (an id equal to ``num_experts``) is a skipped

@@ -96,17 +96,31 @@ def test_adamw_lowers_the_loss():
     assert losses[-1] <= 0.8 * losses[0], losses
 
 
-def test_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointing_gives_the_same_gradients(monkeypatch, reentrant):
     ids = tokens(3)
-    results = []
+    results, calls = [], []
+    forward = nbmoe.MoELayer.forward
+    monkeypatch.setattr(nbmoe.MoELayer, "forward", lambda self, *a, **kw: calls.append(kw) or forward(self, *a, **kw))
     for checkpoint in (False, True):
         model = build(qwen3())
         with_lora(model)
         if checkpoint:
-            model.gradient_checkpointing_enable()
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            kwargs = {"use_reentrant": reentrant}
+            if enable:
+                enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.train()
+        calls.clear()
         results.append(_loss_and_grads(model, ids))
         assert all(m._nbmoe_state.layer.saved == 0 for _, m in nt.experts_modules(model))
+        saves = [kw["save_for_backward"] for kw in calls]
+        if checkpoint and reentrant:       # a first pass under no-grad saves nothing; the recomputation saves
+            assert saves == [False, False, True, True], saves
+        else:                              # non-reentrant: the experts keep their first cache, nothing recomputes
+            assert saves == [True, True], saves
     (loss, grads), (loss_ckpt, grads_ckpt) = results
     assert loss == loss_ckpt
     for name in grads:
