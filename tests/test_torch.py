@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, DeepseekV3Config, MixtralConfig, Qwen3MoeConfig
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 
 import nbmoe
@@ -30,6 +30,14 @@ def mixtral(**extra):
                          num_experts_per_tok=2, max_position_embeddings=64, **extra)
 
 
+def deepseek_v3(**extra):
+    return DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                            n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+                            first_k_dense_replace=0, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                            qk_nope_head_dim=8, v_head_dim=16, max_position_embeddings=64, **extra)
+
+
 def build(config, seed=0, implementation="eager"):
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, experts_implementation=implementation)
@@ -47,7 +55,7 @@ def with_lora(model, rank=4, alpha=8.0):
     return params
 
 
-@pytest.mark.parametrize("config", [qwen3, mixtral])
+@pytest.mark.parametrize("config", [qwen3, mixtral, deepseek_v3])
 def test_logits_match_eager(config):
     model, ids = build(config()), tokens()
     with torch.no_grad():
@@ -226,20 +234,46 @@ def test_sentinel_ids_are_skipped_slots():
     assert torch.equal(skipped[:3], kept[:3]) and not skipped[3].float().any()
 
 
-@use_experts_implementation(is_transposed=True)
-class TransposedExperts(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.zeros(4, 16, 32))
-        self.down_proj = nn.Parameter(torch.zeros(4, 16, 16))
-        self.act_fn = nn.SiLU()
+def _experts_class(**flags):
+    @use_experts_implementation(**flags)
+    class OddExperts(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.zeros(4, 16, 32))
+            self.down_proj = nn.Parameter(torch.zeros(4, 32, 8))
+            self.act_fn = nn.SiLU()
+    return OddExperts
 
 
-def test_unsupported_layouts_and_misuse_are_clear_errors():
-    module = TransposedExperts(qwen3())
-    with pytest.raises(ValueError, match=r"TransposedExperts: nbmoe runs experts with fused gate_up_proj .* "
-                                         r"this one has is_transposed=True"):
-        nt.experts_forward(module, torch.zeros(2, 16), torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1))
+@pytest.mark.parametrize("flags, reason", [
+    (dict(is_transposed=True), "is_transposed=True"),
+    (dict(is_concatenated=False), "is_concatenated=False"),
+    (dict(has_bias=True), "has_bias=True"),
+    (dict(has_gate=False), "has_gate=False"),
+])
+def test_unsupported_layouts_name_the_experts_class(flags, reason):
+    module = _experts_class(**flags)(qwen3())
+    with pytest.raises(ValueError, match=rf"OddExperts: nbmoe runs experts with fused gate_up_proj .* this one has {reason}"):
+        nt.experts_forward(module, torch.zeros(2, 32), torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1))
+    with pytest.raises(ValueError, match=rf"OddExperts: .* {reason}"):
+        nt.add_lora(module, 4, 8.0)
+
+
+def test_base_weights_pack_once_and_repack_when_changed():
+    model, ids = build(qwen3()), tokens(9)
+    nt.add_lora(model, 4, 8.0)
+    with torch.no_grad():
+        model(ids)
+        states = [m._nbmoe_state for _, m in nt.experts_modules(model)]
+        model(ids)
+        assert [m._nbmoe_state for _, m in nt.experts_modules(model)] == states         # not repacked
+        nt.experts_modules(model)[0][1].down_proj.mul_(2)                               # changed in place
+        model(ids)
+    assert nt.experts_modules(model)[0][1]._nbmoe_state is not states[0]
+    assert nt.experts_modules(model)[1][1]._nbmoe_state is states[1]
+
+
+def test_misuse_is_a_clear_error():
     gelu = nt.NbmoeExperts(torch.zeros(2, 16, 8), torch.zeros(2, 8, 8))
     gelu.act_fn = nn.GELU()
     with pytest.raises(ValueError, match=r"NbmoeExperts: .* activation GELU"):
