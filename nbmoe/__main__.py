@@ -139,6 +139,18 @@ def cmd_bench(args):
     return 0
 
 
+def _needs(*modules):
+    """None if importable, else the message saying how to install them."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"this command needs {', '.join(missing)}: pip install torch==2.13.0 && "
+                f"pip install 'nbmoe[torch,transformers]' (the CPU build of torch; an unpinned "
+                f"torch pulls CUDA packages)")
+    return None
+
+
 def cmd_finetune(args):
     from . import finetune
 
@@ -187,6 +199,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         numba.set_num_threads(args.threads)
+    needs = {"bench": ("torch",), "finetune": ("torch", "transformers")}.get(args.command, ())
+    problem = _needs(*needs)
+    if problem:
+        print(f"python -m nbmoe {args.command}: {problem}", file=sys.stderr)
+        return 2
     return {"run": cmd_run, "info": cmd_info, "bench": cmd_bench, "finetune": cmd_finetune}[args.command](args)
 
 

@@ -35,3 +35,14 @@ def test_finetune_prints_the_loss_curve_and_speed():
     done = _run("finetune", "--steps", "4", "--batch", "2", "--length", "16", "--rank", "4")
     assert done.returncode == 0, done.stderr
     assert "loss curve (step: loss): 1:" in done.stdout and "training tokens/s: nbmoe experts" in done.stdout
+
+
+def test_commands_needing_torch_say_how_to_install_it(monkeypatch, capsys):
+    import importlib.util
+
+    from nbmoe.__main__ import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert main(["finetune"]) == 2
+    assert "this command needs torch: pip install torch==2.13.0" in capsys.readouterr().err
