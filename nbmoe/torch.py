@@ -69,14 +69,21 @@ def _tensor(a, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _default_gate():
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:                   # no transformers: no experts class can bring its own gate
+        return None
+    return _default_apply_gate
+
+
 def _unsupported(module):
     """Why nbmoe cannot run this experts module, or None."""
-    from transformers.integrations.moe import _default_apply_gate
-
     flags = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True,
              "has_post_expert_norm": False}
     bad = [f"{k}={getattr(module, k)}" for k, v in flags.items() if getattr(module, k, v) != v]
-    if getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+    default_gate = _default_gate()
+    if getattr(type(module), "_apply_gate", default_gate) is not default_gate:
         bad.append("a custom _apply_gate")
     act = getattr(module, "act_fn", None)
     if act is not None and not isinstance(act, nn.SiLU) and type(act).__name__ not in ("SiLUActivation", "SiLU"):

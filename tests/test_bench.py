@@ -7,7 +7,7 @@ import torch
 import pytest
 
 from nbmoe import bench
-from nbmoe.kernels import isa, peak
+from nbmoe.kernels import peak
 from conftest import RUNNABLE
 from helpers import Problem, assert_close, rel
 

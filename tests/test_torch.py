@@ -289,3 +289,13 @@ def test_misuse_is_a_clear_error():
     with pytest.raises(ValueError, match=r"Linear: no experts module"):
         nt.add_lora(nn.Linear(2, 2), 4, 8.0)
     assert nt.REGISTERED and {"nbmoe", "nbmoe_reference"} <= set(ExpertsInterface._global_mapping)
+
+
+def test_standalone_module_needs_no_transformers(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers.integrations.moe", None)     # import fails
+    experts = nt.NbmoeExperts(torch.randn(2, 16, 8).bfloat16() / 3, torch.randn(2, 8, 8).bfloat16() / 3, rank=2)
+    with torch.no_grad():
+        y = experts(torch.randn(3, 8).bfloat16(), torch.tensor([[0], [1], [0]]), torch.ones(3, 1))
+    assert y.shape == (3, 8) and y.dtype == torch.bfloat16

@@ -36,8 +36,9 @@ from numba import njit, prange
 from numba.extending import overload
 
 from ..config import JIT, JIT_PARALLEL
-from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdpbf16, vsplat_pair
-from .simd import LANES, f32_from_bits, vfma, vfma2, vload, vpair_hi, vpair_lo, vsplat, vstore, vstore_bf16, vzero
+from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdpbf16
+from .simd import (LANES, f32_from_bits, vfma, vfma2, vload, vpair_hi, vpair_lo, vsplat, vsplat_pair, vstore,
+                   vstore_bf16, vzero)
 
 PAD = 32          # N and K padding: two vectors of output, one AMX tile of K
 TILE_N = 32       # output columns per work item (two 16-lane vectors, two AMX tiles)

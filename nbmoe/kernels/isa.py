@@ -31,9 +31,8 @@ Intrinsics (llvmlite has no ``bfloat`` or ``x86_amx`` type: ``_Named`` prints on
   ``enable_amx`` asks once (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``).
 """
 
-import os
-
 import ctypes
+import os
 import platform
 
 import llvmlite.binding as llvm
@@ -45,7 +44,7 @@ from numba.core import cgutils
 from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
 
 from ..config import JIT_PARALLEL
-from .simd import LLVM_F32X16, LLVM_I32X16, f32x16, lane_ptr, u32x16
+from .simd import LLVM_F32X16, f32x16, lane_ptr, u32x16
 
 ROUTES = ("amx", "avx512_bf16", "avx512", "generic")
 
@@ -198,20 +197,6 @@ _BYTES = ir.Constant(_I16, 64)
 
 def _declare(builder, name, ret, args):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
-
-
-@intrinsic
-def vsplat_pair(typingctx, x):
-    """Broadcast one uint32 (a bf16 pair) to all 16 lanes of a ``u32x16``."""
-    if not isinstance(x, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        value = context.cast(builder, args[0], sig.args[0], types.uint32)
-        one = builder.insert_element(ir.Constant(LLVM_I32X16, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(one, ir.Constant(LLVM_I32X16, ir.Undefined),
-                                      ir.Constant(LLVM_I32X16, [0] * 16))
-    return u32x16(x), codegen
 
 
 @intrinsic

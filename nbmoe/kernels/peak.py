@@ -17,8 +17,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..config import JIT, JIT_PARALLEL
-from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdpbf16, vsplat_pair
-from .simd import LANES, vfma, vhsum, vload, vsplat, vzero
+from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdpbf16
+from .simd import LANES, vfma, vhsum, vload, vsplat, vsplat_pair, vzero
 
 ACC = 12
 

@@ -25,7 +25,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, overload, register_model, type_callable
+from numba.extending import intrinsic, models, overload, register_model
 
 from ..config import JIT
 
@@ -106,6 +106,17 @@ def vsplat(typingctx, x):
 
 
 _VECTOR_OF = {types.float32: (f32x16, LLVM_F32X16), types.uint32: (u32x16, LLVM_I32X16)}
+
+
+@intrinsic
+def vsplat_pair(typingctx, x):
+    """Broadcast one uint32 (a bf16 pair) to all 16 lanes of a ``u32x16``."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, LLVM_I32X16, context.cast(builder, args[0], sig.args[0], types.uint32))
+    return u32x16(x), codegen
 
 
 @intrinsic
