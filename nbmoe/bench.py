@@ -16,9 +16,9 @@ import ml_dtypes
 import numba
 import numpy as np
 
-from .kernels.gemm import PackedMatrix
+from .kernels.gemm import PackedMatrix, padded
 from .kernels.peak import ACC, amx_spin, dpbf16_spin, fma_spin, read_stream
-from .layer import LoRAWeights, MoELayer
+from .layer import LORA_FIELDS, LoRAWeights, MoELayer
 
 QWEN3_30B_A3B = dict(experts=128, topk=8, hidden=2048, intermediate=768, rank=16)
 
@@ -132,10 +132,10 @@ class EagerExperts:
     def __init__(self, gate, up, down, lora):
         import torch
 
+        from .torch import to_torch
+
         def tensor(a, grad=False):
-            t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16) \
-                if a.dtype == ml_dtypes.bfloat16 else torch.from_numpy(a).to(torch.bfloat16)
-            return t.requires_grad_(grad)
+            return to_torch(np.ascontiguousarray(a), torch.bfloat16).requires_grad_(grad)
 
         self.torch = torch
         self.gate_up = torch.cat([tensor(gate), tensor(up)], dim=1)          # [E, 2I, H], gate first
@@ -144,8 +144,7 @@ class EagerExperts:
         if lora is not None:
             # one small tensor per expert, as PEFT wraps each expert's Linear: autograd
             # then allocates gradients only for the experts a batch reaches
-            names = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
-            self.lora = {n: [tensor(a, grad=True) for a in getattr(lora, n)] for n in names}
+            self.lora = {n: [tensor(a, grad=True) for a in getattr(lora, n)] for n in LORA_FIELDS}
             self.scaling = lora.alpha / lora.gate_a.shape[1]
 
     def _lora(self, x, a, b, e):
@@ -190,6 +189,8 @@ def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None):
     for each T in ``tokens``; torch uses Numba's thread count."""
     import torch
 
+    from .torch import to_torch
+
     torch.set_num_threads(numba.get_num_threads())
     E, I, H = gate.shape
     r = 0 if lora is None else lora.gate_a.shape[1]
@@ -210,9 +211,8 @@ def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None):
             layer.forward(x, ids, weights, save_for_backward=True)
             layer.backward(grad_y, accumulate_into=held if lora is not None else None)
 
-        tx = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-        tg = torch.from_numpy(grad_y.view(np.int16)).view(torch.bfloat16)
-        tids, tw = torch.from_numpy(ids), torch.from_numpy(weights).to(torch.bfloat16)
+        tx, tg, tids = to_torch(x), to_torch(grad_y), to_torch(ids)
+        tw = to_torch(weights, torch.bfloat16)
 
         def eager_fwd():
             with torch.no_grad():
@@ -235,14 +235,15 @@ def single_gemm(route, M=512, K=2048, N=1536, repeat=20):
     """(nbmoe s, torch.matmul s, FLOP) for one bf16 GEMM ``a [M, K] @ w [N, K]^T``."""
     import torch
 
+    from .torch import to_torch
+
     torch.set_num_threads(numba.get_num_threads())
     rng = np.random.default_rng(0)
     a = rng.standard_normal((M, K), dtype=np.float32).astype(ml_dtypes.bfloat16)
     w = (rng.standard_normal((N, K), dtype=np.float32) * K ** -0.5).astype(ml_dtypes.bfloat16)
     packed = PackedMatrix(w.view(np.uint16))
-    out = np.empty((M, packed.packed.shape[1] * 16), np.float32)
-    as_torch = lambda x: torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-    ta, tw = as_torch(a), as_torch(w)
+    out = np.empty((M, padded(N)), np.float32)
+    ta, tw = to_torch(a), to_torch(w)
     ours = median_time(lambda: packed.matmul(route, a.view(np.uint16), out), repeat)
     theirs = median_time(lambda: torch.matmul(ta, tw.T), repeat)
     return ours, theirs, 2 * M * N * K

@@ -93,9 +93,9 @@ class CacheStack:
                                   "save_for_backward=True) first")
         if tag is None:
             return self._stack[-1]
-        for cache in self._stack:
-            if cache.tag == tag:
-                return cache
+        cache = self._tagged(tag)
+        if cache is not None:
+            return cache
         raise CacheEmptyError(f"backward: no saved forward with tag {tag} (saved: "
                               f"{[c.tag for c in self._stack]}); it was consumed or discarded")
 
@@ -106,10 +106,12 @@ class CacheStack:
 
     def drop(self, tag):
         """Free the saved forward ``tag``, if it is still saved."""
-        for cache in self._stack:
-            if cache.tag == tag:
-                self.pop(cache)
-                return
+        cache = self._tagged(tag)
+        if cache is not None:
+            self.pop(cache)
+
+    def _tagged(self, tag):
+        return next((cache for cache in self._stack if cache.tag == tag), None)
 
     def slots(self):
         return self._free + self._stack

@@ -14,7 +14,7 @@ from .kernels import moe
 from .kernels.isa import ROUTES, choose_route
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4_awq", "int4_k2")
-_LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+LORA_FIELDS = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")   # of LoRAWeights and MoEGrads
 
 
 @dataclass(eq=False)
@@ -83,9 +83,9 @@ class MoELayer:
 
     max_tokens bounds T per call; cache_depth is how many forwards may be saved for
     backward at once; route picks the kernel route (default: ``$NBMOE_ISA``, else the best
-    this CPU supports; ``nbmoe.info()`` lists them). Buffers are sized ``max_tokens * k`` at the first forward (its
-    ``topk_ids`` fixes k for the layer's lifetime); their pages are committed only as
-    far as calls use them.
+    this CPU supports; ``nbmoe.info()`` lists them). Buffers are sized ``max_tokens * k``
+    at the first forward (its ``topk_ids`` fixes k until ``resize``); their pages are
+    committed only as far as calls use them.
     """
 
     def __init__(self, gate_proj, up_proj, down_proj, lora=None, weight_format="bf16",
@@ -246,7 +246,7 @@ class MoELayer:
                          topk_weights=np.empty((T, k), np.float32))
         if lora is None and accumulate_into is not None:
             raise ValueError("accumulate_into: this layer has no LoRA, so no gradient to accumulate")
-        for name in _LORA_NAMES if lora is not None else ():
+        for name in LORA_FIELDS if lora is not None else ():
             shape = getattr(lora, name).shape
             setattr(grads, name, np.zeros(shape, np.float32) if accumulate_into is None
                     else _accumulator(accumulate_into, name, shape))

@@ -9,6 +9,8 @@ It rounds to bf16 exactly where the contract stores bf16 (DESIGN.md section 3):
 
 import numpy as np
 
+from .layer import LORA_FIELDS
+
 
 def round_bf16(a):
     """float64 -> the nearest bfloat16 value (ties to even), as float64; NaN/inf kept.
@@ -53,7 +55,7 @@ def forward(x, topk_ids, topk_weights, gate, up, down, lora=None, rounding=True)
     T, H = x.shape
     L = None
     if lora is not None:
-        L = {n: _f64(getattr(lora, n)) for n in ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")}
+        L = {n: _f64(getattr(lora, n)) for n in LORA_FIELDS}
         L["s"] = lora.alpha / L["gate_a"].shape[1]
     ids = np.asarray(topk_ids)
     y = np.zeros((T, H))
@@ -87,7 +89,7 @@ def backward(saved, grad_y):
     T, k, E, rnd = saved["T"], saved["k"], saved["E"], saved["rnd"]
     grads = dict(input=np.zeros((T, gy.shape[1])), topk_weights=np.zeros((T, k)))
     if L:
-        for n in ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b"):
+        for n in LORA_FIELDS:
             grads[n] = np.zeros((E,) + L[n].shape[1:])
     for c in saved["experts"]:
         e, tok, slot, X, g, u, h = c["e"], c["tok"], c["slot"], c["X"], c["g"], c["u"], c["h"]

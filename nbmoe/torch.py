@@ -42,10 +42,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layer import LoRAWeights, MoELayer
+from .layer import LORA_FIELDS, LoRAWeights, MoELayer
 
-LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
-_LAYER_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+LORA_NAMES = tuple(f"{n[:-2]}_lora{n[-2:]}" for n in LORA_FIELDS)     # gate_a -> gate_lora_a, ...
 CACHE_DEPTH = 4        # forwards of one experts module that may await backward at once
 MIN_TOKENS = 4096      # initial token capacity; grows (while nothing is saved) as calls need
 
@@ -62,11 +61,11 @@ def _numpy(t, name):
     raise TypeError(f"{name}: expected dtype torch.bfloat16 or torch.float32, got {t.dtype}")
 
 
-def _tensor(a, dtype):
-    """A NumPy result as a torch tensor of ``dtype`` (bf16 arrays without a copy)."""
+def to_torch(a, dtype=None):
+    """A NumPy array as a torch tensor of ``dtype`` (default: its own; bf16 without a copy)."""
     t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == ml_dtypes.bfloat16 \
         else torch.from_numpy(a)
-    return t if t.dtype == dtype else t.to(dtype)
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 def _default_gate():
@@ -137,10 +136,11 @@ def _state(module, tokens, k):
     its buffers regrown when a call brings more tokens or another k (while none is saved)."""
     state = module.__dict__.get("_nbmoe_state")
     if state is None or state.key != _key(module):
+        _check(module)
         state = _State(module, tokens)
         module.__dict__["_nbmoe_state"] = state
     if state.lora is not None:            # fresh views each call: the parameters may be new tensors
-        for name, layer_name in zip(LORA_NAMES, _LAYER_NAMES):
+        for name, layer_name in zip(LORA_NAMES, LORA_FIELDS):
             setattr(state.lora, layer_name, _numpy(getattr(module, name), name))
         state.lora.alpha = float(module.lora_alpha)
     layer = state.layer
@@ -183,21 +183,20 @@ class ExpertsFunction(torch.autograd.Function):
                                 _numpy(weights, "top_k_weights"), save_for_backward=save)
         ctx.saved = _Saved(state.layer) if save else None
         ctx.dtypes = (hidden_states.dtype, top_k_weights.dtype) + tuple(p.dtype for p in lora)
-        return _tensor(y, hidden_states.dtype)
+        return to_torch(y, hidden_states.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
         grads = ctx.saved.backward(_numpy(grad_y.to(torch.bfloat16).contiguous(), "grad_y"))
-        out = [None, None, _tensor(grads.input, ctx.dtypes[0]), None, _tensor(grads.topk_weights, ctx.dtypes[1])]
-        lora = [getattr(grads, n) for n in _LAYER_NAMES] if len(ctx.dtypes) > 2 else []
-        out += [_tensor(g, dtype) for g, dtype in zip(lora, ctx.dtypes[2:])]
+        out = [None, None, to_torch(grads.input, ctx.dtypes[0]), None, to_torch(grads.topk_weights, ctx.dtypes[1])]
+        lora = [getattr(grads, n) for n in LORA_FIELDS] if len(ctx.dtypes) > 2 else []
+        out += [to_torch(g, dtype) for g, dtype in zip(lora, ctx.dtypes[2:])]
         return tuple(g if need else None for g, need in zip(out, (False, False) + ctx.needs_input_grad[2:]))
 
 
 def experts_forward(module, hidden_states, top_k_index, top_k_weights):
     """The ``"nbmoe"`` experts implementation: ``module`` is a transformers experts module
     (or ``NbmoeExperts``); hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]."""
-    _check(module)
     lora = [getattr(module, n) for n in LORA_NAMES] if has_lora(module) else []
     state = _state(module, hidden_states.shape[0], top_k_index.shape[-1])
     save = torch.is_grad_enabled() and any(t.requires_grad for t in [hidden_states, top_k_weights, *lora])

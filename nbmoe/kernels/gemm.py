@@ -111,24 +111,61 @@ def _pair_fma(x, b0l, b0h, b1l, b1h, c0, c1):
     return vfma2(vsplat(f32_from_bits(x & np.uint32(0xFFFF0000))), b0h, b1h, c0, c1)
 
 
+def _row(route, a, r, w, w0, k2):
+    """Row ``r`` of ``a`` times the two 16-column blocks at ``w0``, over all of K: (c0, c1)."""
+
+
+@overload(_row, jit_options=JIT)
+def _row_fma(route, a, r, w, w0, k2):
+    if route.route not in ("generic", "avx512"):
+        return None
+
+    def impl(route, a, r, w, w0, k2):
+        w1 = w0 + k2 * LANES
+        c0, c1 = vzero(), vzero()
+        for p in range(k2):
+            b0 = vload(w, w0 + p * LANES)
+            b1 = vload(w, w1 + p * LANES)
+            c0, c1 = _pair_fma(a[r, p], vpair_lo(b0), vpair_hi(b0), vpair_lo(b1), vpair_hi(b1), c0, c1)
+        return c0, c1
+    return impl
+
+
+@overload(_row, jit_options=JIT)
+def _row_bf16(route, a, r, w, w0, k2):
+    if route.route != "avx512_bf16":
+        return None
+
+    def impl(route, a, r, w, w0, k2):
+        w1 = w0 + k2 * LANES
+        c0, c1 = vzero(), vzero()
+        for p in range(k2):
+            c0, c1 = _dp2(vsplat_pair(a[r, p]), vload(w, w0 + p * LANES), vload(w, w1 + p * LANES), c0, c1)
+        return c0, c1
+    return impl
+
+
+@njit(**JIT)
+def _tail_rows(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+    """Rows m..last, fewer than a block: one at a time over the (by now cached) weights,
+    not a clamped block of duplicate rows (decode: one row per expert, no wasted work)."""
+    for r in range(m, last + 1):
+        c0, c1 = _row(route, a, r, w, w0, k2)
+        _finish_row(r, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
+
+
 @overload(_block, jit_options=JIT)
 def _block_fma(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
     """generic / avx512: widen each weight pair to two fp32 vectors once per step, 2 FMAs
     per row; 4 rows x 32 columns = 8 accumulators (fits 16 registers of any vector ISA).
-    A tail of fewer rows runs one row at a time over the (now cache-resident) weights."""
+    Fewer rows than a block go to ``_tail_rows``."""
     if route.route not in ("generic", "avx512"):
         return None
 
     def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
         w1 = w0 + k2 * LANES
-        if last - m + 1 < MR:                     # a short tail: one row at a time, no waste
-            for r in range(m, last + 1):
-                c0, c1 = vzero(), vzero()
-                for p in range(k2):
-                    b0 = vload(w, w0 + p * LANES)
-                    b1 = vload(w, w1 + p * LANES)
-                    c0, c1 = _pair_fma(a[r, p], vpair_lo(b0), vpair_hi(b0), vpair_lo(b1), vpair_hi(b1), c0, c1)
-                _finish_row(r, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
+        if last - m + 1 < MR:
+            _tail_rows(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16)
             return
         r1, r2, r3 = m + 1, m + 2, m + 3
         c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
@@ -154,20 +191,16 @@ def _dp2(x, b0, b1, c0, c1):
 @overload(_block, jit_options=JIT)
 def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
     """avx512_bf16: one ``vdpbf16ps`` per row and 16 columns per K pair, the row's pair
-    broadcast; 8 rows x 32 columns = 16 accumulators of the 32 zmm registers. A tail of
-    fewer rows runs one row at a time (decode: one row per expert, no wasted products)."""
+    broadcast; 8 rows x 32 columns = 16 accumulators of the 32 zmm registers. Fewer rows
+    than a block go to ``_tail_rows``."""
     if route.route != "avx512_bf16":
         return None
 
     def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
-        w1 = w0 + k2 * LANES
-        if last - m + 1 < MR_BF16:                # a short tail: one row at a time, no waste
-            for r in range(m, last + 1):
-                c0, c1 = vzero(), vzero()
-                for p in range(k2):
-                    c0, c1 = _dp2(vsplat_pair(a[r, p]), vload(w, w0 + p * LANES), vload(w, w1 + p * LANES), c0, c1)
-                _finish_row(r, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
+        if last - m + 1 < MR_BF16:
+            _tail_rows(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16)
             return
+        w1 = w0 + k2 * LANES
         r1, r2, r3, r4, r5, r6, r7 = m + 1, m + 2, m + 3, m + 4, m + 5, m + 6, m + 7
         c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
         c20, c21, c30, c31 = vzero(), vzero(), vzero(), vzero()
