@@ -14,6 +14,7 @@ import torch
 from nbmoe import MoELayer, bench
 from nbmoe.kernels import isa
 from nbmoe.kernels.gemm import PackedMatrix
+from nbmoe.torch import to_torch
 
 SHAPE = bench.QWEN3_30B_A3B
 TOKENS = [1, 16, 128, 1024, 4096]
@@ -42,8 +43,7 @@ def _inputs(T):
 
 
 def _torch(x, ids, w, grad_y):
-    as_bf16 = lambda a: torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return as_bf16(x), torch.from_numpy(ids), torch.from_numpy(w).to(torch.bfloat16), as_bf16(grad_y)
+    return to_torch(x), to_torch(ids), to_torch(w, torch.bfloat16), to_torch(grad_y)
 
 
 @pytest.mark.parametrize("T", TOKENS)
@@ -100,5 +100,5 @@ def test_single_gemm_nbmoe(benchmark, single):
 
 def test_single_gemm_torch(benchmark, single):
     torch.set_num_threads(numba.get_num_threads())
-    a, w = (torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) for x in single)
+    a, w = (to_torch(x) for x in single)
     benchmark(torch.matmul, a, w.T)

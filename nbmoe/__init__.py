@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from .cache import CacheEmptyError, CacheOverflowError
 from .layer import LoRAWeights, MoEGrads, MoELayer
+from .quant import QuantizedWeight, quantize
 from .system import info
 
 __all__ = ["MoELayer", "LoRAWeights", "MoEGrads", "CacheOverflowError", "CacheEmptyError", "info",
-           "__version__"]
+           "QuantizedWeight", "quantize", "__version__"]

@@ -6,18 +6,20 @@ run    the main job: a Qwen3-30B-A3B-shaped MoE LoRA layer (E=128, k=8, H=2048, 
        tokens against the float64 reference. Every size is a flag.
 info   nbmoe.info(): CPU features, kernel route, threading layer.
 bench  nbmoe against PyTorch eager (same process, same threads) across T, with the
-       fraction of this machine's measured roofline.
+       fraction of this machine's measured roofline; uniform or Zipf-skewed routing.
 finetune  LoRA fine-tuning of a tiny Qwen3-MoE (built from a config, no download) on a
        synthetic task, with nbmoe experts: the loss curve, then training tokens/s with
-       nbmoe against plain-PyTorch experts. Needs torch and transformers.
+       nbmoe against the eager baseline experts (the bench's). Needs torch and transformers.
 """
 
 import argparse
+import math
 import sys
 import time
 
 import numba
 import numpy as np
+from tqdm import tqdm
 
 from . import __version__, bench, info, reference
 from .bench import QWEN3_30B_A3B
@@ -37,12 +39,20 @@ def _shape_flags(parser, tokens):
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _progress(label, done, total, note=""):
-    width = 30
-    filled = width * done // total
-    bar = "#" * filled + "." * (width - filled)
-    end = "\n" if done == total or not sys.stderr.isatty() else ""
-    print(f"\r{label} [{bar}] {done}/{total} {note}", end=end, file=sys.stderr, flush=True)
+def _bar(iterable=None, **kwargs):
+    """A tqdm progress bar on stderr, drawn only on a terminal: piped or logged output gets
+    none (every number it shows is printed afterwards)."""
+    return tqdm(iterable, disable=None, file=sys.stderr, **kwargs)
+
+
+def _zipf_s(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def _header():
@@ -76,7 +86,8 @@ def cmd_run(args):
     layer.backward(grad_y[:1])
     print(f"kernels compiled or loaded from cache in {time.perf_counter() - t:.1f} s")
     fwd_t, bwd_t = [], []
-    for step in range(args.steps):
+    steps = _bar(range(args.steps), desc="steps", unit="step")
+    for _ in steps:
         t0 = time.perf_counter()
         y = layer.forward(x, ids, weights, save_for_backward=True)
         t1 = time.perf_counter()
@@ -84,7 +95,7 @@ def cmd_run(args):
         t2 = time.perf_counter()
         fwd_t.append(t1 - t0)
         bwd_t.append(t2 - t1)
-        _progress("steps", step + 1, args.steps, f"fwd {fwd_t[-1] * 1e3:.0f} ms  bwd {bwd_t[-1] * 1e3:.0f} ms")
+        steps.set_postfix_str(f"fwd {fwd_t[-1] * 1e3:.0f} ms, bwd {bwd_t[-1] * 1e3:.0f} ms")
     fwd_flop, bwd_flop = bench.flops(T, k, H, I, r)
     f, b = float(np.median(fwd_t)), float(np.median(bwd_t))
     print(f"forward   {f * 1e3:9.1f} ms  {fwd_flop / f / 1e9:7.1f} GFLOP/s")
@@ -114,14 +125,16 @@ def cmd_info(args):
 def cmd_bench(args):
     _header()
     E, k, H, I, r = args.experts, args.topk, args.hidden, args.intermediate, args.rank
+    skew = (1.0 if args.zipf_s is None else args.zipf_s) if args.routing == "zipf" else None
     gate, up, down, lora = bench.layer_weights(E, H, I, r, args.seed)
     layer, rows = bench.side_by_side(gate, up, down, lora, args.tokens, k, repeat=args.repeat,
-                                     route=args.route)
+                                     route=args.route, skew=skew)
     route = layer.route
     ceilings = bench.measure_ceilings(route)
     print(f"route {route.name}; measured now, {numba.get_num_threads()} threads: {ceilings.peak_of} peak "
           f"{ceilings.peak_gflops:.0f} GFLOP/s, read {ceilings.read_gbs:.1f} GB/s")
-    print(f"layer: E={E} k={k} H={H} I={I} r={r}; median of {args.repeat}; "
+    routing = "uniform" if skew is None else f"zipf s={skew:g}"
+    print(f"layer: E={E} k={k} H={H} I={I} r={r}; routing {routing}; median of {args.repeat}; "
           f"roofline = max(FLOP / peak, weight bytes / read) / time")
     head = (f"{'T':>5} | {'pass':8} | {'nbmoe ms':>9} | {'eager ms':>9} | {'speedup':>7} | "
             f"{'GFLOP/s':>7} | {'roofline':>8}")
@@ -160,8 +173,13 @@ def cmd_finetune(args):
           f"H={cfg['hidden_size']} I={cfg['moe_intermediate_size']}, bf16; LoRA r={args.rank} on every expert; "
           f"AdamW lr={args.lr}; batch {args.batch} x {args.length} tokens")
 
+    bar = _bar(total=args.steps, desc="training", unit="step")
+
     def report(step, loss):
-        _progress("training", step, args.steps, f"loss {loss:.3f}")
+        bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+        bar.update()
+        if step == args.steps:
+            bar.close()
 
     losses, speed = finetune.run(args.steps, args.batch, args.length, args.rank, 2.0 * args.rank, args.lr,
                                  args.seed, report=report)
@@ -169,7 +187,7 @@ def cmd_finetune(args):
     curve = ", ".join(f"{i + 1}: {losses[i]:.3f}" for i in range(0, args.steps, every))
     print(f"loss curve (step: loss): {curve}, {args.steps}: {losses[-1]:.3f}")
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} ({1 - losses[-1] / losses[0]:.0%} lower)")
-    print(f"training tokens/s: nbmoe experts {speed['nbmoe']:.0f}, plain-PyTorch experts "
+    print(f"training tokens/s: nbmoe experts {speed['nbmoe']:.0f}, eager experts "
           f"{speed['nbmoe_reference']:.0f} ({speed['nbmoe'] / speed['nbmoe_reference']:.2f}x)")
     return 0
 
@@ -188,6 +206,9 @@ def main(argv=None):
     bench_parser.add_argument("--repeat", type=int, default=3)
     bench_parser.add_argument("--route", choices=isa.ROUTES, default=None,
                               help="kernel route (default: NBMOE_ISA, else the best this CPU runs)")
+    bench_parser.add_argument("--routing", choices=("uniform", "zipf"), default="uniform",
+                              help="expert popularity: uniform, or Zipf-like (rank i drawn as 1 / i^s)")
+    bench_parser.add_argument("--zipf-s", type=_zipf_s, default=None, help="the s of --routing zipf (default 1)")
     tune = sub.add_parser("finetune", help="LoRA fine-tuning of a tiny Qwen3-MoE on nbmoe")
     tune.add_argument("--steps", type=int, default=60)
     tune.add_argument("--batch", type=int, default=8)
@@ -197,6 +218,8 @@ def main(argv=None):
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.command == "bench" and args.zipf_s is not None and args.routing != "zipf":
+        bench_parser.error("argument --zipf-s: applies to --routing zipf only")
     if getattr(args, "threads", None):
         numba.set_num_threads(args.threads)
     needs = {"bench": ("torch",), "finetune": ("torch", "transformers")}.get(args.command, ())

@@ -1,12 +1,14 @@
 """Measurement: a realistic layer, the PyTorch eager baseline, FLOP and byte counts, the
 machine's ceilings, and a side-by-side timing of both, in one process, same threads.
 
-The baseline is what transformers runs for a MoE block with PEFT-style LoRA: a Python
-loop over the experts hit, ``index_add_`` of the weighted outputs, bf16 throughout,
-backward through torch autograd. Both sides time the steady state of a training loop:
-torch accumulates LoRA gradients into its ``.grad`` tensors, nbmoe into the arrays of
-an earlier backward (``accumulate_into``). torch is imported only by the functions
-that need it.
+The baseline is ``nbmoe.torch.eager_experts``, the one ``python -m nbmoe finetune``
+measures against too: what transformers runs for a MoE block with PEFT-style LoRA (a
+Python loop over the experts hit, ``index_add_`` of the weighted outputs, one LoRA tensor
+per expert), here bf16 throughout, backward through torch autograd. Both sides time the
+steady state of a training loop: torch accumulates LoRA gradients into its ``.grad``
+tensors, nbmoe into the arrays of an earlier backward (``accumulate_into``). Both get the
+same routing, uniform or Zipf-skewed (``routing``). torch is imported only by the
+functions that need it.
 """
 
 import time
@@ -16,9 +18,11 @@ import ml_dtypes
 import numba
 import numpy as np
 
+from . import checks
 from .kernels.gemm import PackedMatrix, padded
 from .kernels.peak import ACC, amx_spin, dpbf16_spin, fma_spin, read_stream
-from .layer import LORA_FIELDS, LoRAWeights, MoELayer
+from .layer import LoRAWeights, MoELayer
+from .reference import LORA_FIELDS
 
 QWEN3_30B_A3B = dict(experts=128, topk=8, hidden=2048, intermediate=768, rank=16)
 
@@ -50,10 +54,21 @@ def layer_weights(E, H, I, r, seed=0):
     return gate, up, down, lora
 
 
-def routing(T, E, k, seed=0):
-    """x [T, H]-independent routing: k distinct experts per token, softmax-like weights."""
+def routing(T, E, k, seed=0, skew=None):
+    """x-independent routing: ids [T, k], k distinct experts per token, and softmax-like
+    weights [T, k]. ``skew`` None: every expert equally popular; ``skew`` s >= 0: Zipf-like,
+    the expert of popularity rank i (ranks a random permutation) drawn with probability
+    proportional to 1 / i^s, k per token without replacement (Gumbel-top-k)."""
+    checks.integer("T", T, 0)
+    E = checks.integer("E", E, 1)
+    checks.integer("k", k, 1, E)
     rng = np.random.default_rng(seed + 1)
-    ids = np.argsort(rng.random((T, E)), axis=1)[:, :k].astype(np.int64)
+    log_p = np.zeros(E)
+    if skew is not None:
+        if checks.finite_real("skew", skew) < 0:
+            raise ValueError(f"skew: expected a number >= 0, got {skew}")
+        log_p = -skew * np.log(np.arange(1, E + 1))[rng.permutation(E)]
+    ids = np.argsort(-(log_p + rng.gumbel(size=(T, E))), axis=1)[:, :k].astype(np.int64)
     weights = rng.dirichlet(np.ones(k), size=T).astype(np.float32)
     return ids, weights
 
@@ -103,6 +118,7 @@ _SPINS = {"generic": (fma_spin, 2 * 16 * ACC, 2_000_000, "fp32 FMA"),
 def measure_ceilings(route, read_mib=1024):
     """The peak of ``route``'s instruction and the read bandwidth, best of a few runs
     (shared machines vary run to run: the best is the ceiling)."""
+    route.require()
     spin, flop, iters, instruction = _SPINS[route.name]
     threads = numba.get_num_threads()
     out = np.zeros(threads, np.float32)
@@ -127,7 +143,8 @@ def median_time(fn, repeat, warmup=1):
 
 
 class EagerExperts:
-    """The PyTorch eager baseline: transformers' expert loop with PEFT-style LoRA, bf16."""
+    """The eager baseline, ``nbmoe.torch.eager_experts``, on these weights: bf16 throughout
+    (LoRA factors too), one LoRA tensor per expert, the LoRA ones requiring grad."""
 
     def __init__(self, gate, up, down, lora):
         import torch
@@ -137,38 +154,17 @@ class EagerExperts:
         def tensor(a, grad=False):
             return to_torch(np.ascontiguousarray(a), torch.bfloat16).requires_grad_(grad)
 
-        self.torch = torch
         self.gate_up = torch.cat([tensor(gate), tensor(up)], dim=1)          # [E, 2I, H], gate first
         self.down = tensor(down)
-        self.lora = None
+        self.lora, self.scaling = None, 1.0
         if lora is not None:
-            # one small tensor per expert, as PEFT wraps each expert's Linear: autograd
-            # then allocates gradients only for the experts a batch reaches
             self.lora = {n: [tensor(a, grad=True) for a in getattr(lora, n)] for n in LORA_FIELDS}
             self.scaling = lora.alpha / lora.gate_a.shape[1]
 
-    def _lora(self, x, a, b, e):
-        return (x @ self.lora[a][e].T) @ self.lora[b][e].T * self.scaling
-
     def forward(self, x, ids, weights):
-        torch = self.torch
-        F = torch.nn.functional
-        out = torch.zeros_like(x)
-        E = self.gate_up.shape[0]
-        mask = F.one_hot(ids.clamp(min=0), E).masked_fill((ids < 0)[..., None], 0).permute(2, 1, 0)
-        for e in torch.nonzero(mask.sum(dim=(1, 2))).flatten().tolist():
-            slot, token = torch.where(mask[e])
-            xs = x[token]
-            gate, up = F.linear(xs, self.gate_up[e]).chunk(2, dim=-1)
-            if self.lora is not None:
-                gate = gate + self._lora(xs, "gate_a", "gate_b", e)
-                up = up + self._lora(xs, "up_a", "up_b", e)
-            h = F.silu(gate) * up
-            d = F.linear(h, self.down[e])
-            if self.lora is not None:
-                d = d + self._lora(h, "down_a", "down_b", e)
-            out.index_add_(0, token, (d * weights[token, slot, None]).to(out.dtype))
-        return out
+        from .torch import eager_experts
+
+        return eager_experts(x, ids, weights, self.gate_up, self.down, self.lora, self.scaling)
 
 
 @dataclass
@@ -184,9 +180,9 @@ class Row:
     step_bytes: float
 
 
-def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None):
-    """Time nbmoe and the eager baseline on the same data, forward and forward+backward,
-    for each T in ``tokens``; torch uses Numba's thread count."""
+def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None, skew=None):
+    """Time nbmoe and the eager baseline on the same data (``routing(T, E, k, skew=skew)``),
+    forward and forward+backward, for each T in ``tokens``; torch uses Numba's thread count."""
     import torch
 
     from .torch import to_torch
@@ -198,7 +194,7 @@ def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None):
     eager = EagerExperts(gate, up, down, lora)
     rows = []
     for T in tokens:
-        ids, weights = routing(T, E, k)
+        ids, weights = routing(T, E, k, skew=skew)
         x, grad_y = activations(T, H)
 
         def nb_fwd():

@@ -5,7 +5,8 @@ experts module (``nbmoe.torch.add_lora``) and AdamW trains only them. The task i
 synthetic: each sequence counts upward by a stride that its first token names
 (``x[i+1] = x[i] + stride mod V``), so the loss can fall far below ``log V``. The job
 prints the loss curve, then times the same training step with the experts on nbmoe and
-on the plain-PyTorch LoRA experts (``"nbmoe_reference"``, a Python loop over experts).
+on the eager baseline (``"nbmoe_reference"``: ``nbmoe.torch.eager_experts``, transformers'
+loop over the experts with PEFT-style LoRA, the one ``python -m nbmoe bench`` measures).
 """
 
 import time

@@ -1,4 +1,4 @@
-"""``MoELayer``: the public contract of DESIGN.md section 1.
+"""``MoELayer``: the public contract of docs/design.md §1.
 
 The layer validates every argument before any work, packs the base weights once,
 owns the forward caches and the scratch, and runs ``kernels.moe`` on its route.
@@ -11,10 +11,13 @@ import numpy as np
 from . import checks
 from .cache import CacheEmptyError, CacheStack, ForwardCache
 from .kernels import moe
+from .kernels.gemm import PAD
 from .kernels.isa import ROUTES, choose_route
+from .quant import QuantizedWeight, quantize
+from .reference import LORA_FIELDS
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4_awq", "int4_k2")
-LORA_FIELDS = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")   # of LoRAWeights and MoEGrads
+DEFAULT_GROUP_SIZE = 128             # int4 quantized online: AWQ's usual group
 
 
 @dataclass(eq=False)
@@ -75,6 +78,64 @@ class _LoRAView:
         self.scale = alpha / rank
 
 
+def _base_weights(gate_proj, up_proj, down_proj, weight_format, group_size):
+    """(format, group_size, [gate, up, down]) from bf16/float32 arrays (quantized online
+    to ``weight_format``, bf16 if None; int4 groups of ``group_size``, 128 if None) or
+    three ``QuantizedWeight`` of one format (which ``weight_format`` and ``group_size``,
+    if given, must match). bf16 parts are uint16 bits. ``group_size`` applies to the int4
+    formats only (the contract's own example passes it with bf16): elsewhere it is None."""
+    given = [isinstance(w, QuantizedWeight) for w in (gate_proj, up_proj, down_proj)]
+    if weight_format is not None:
+        checks.choice("weight_format", weight_format, WEIGHT_FORMATS)
+    if group_size is not None:
+        group_size = checks.integer("group_size", group_size, 1)
+    if any(given):
+        if not all(given):
+            raise TypeError(f"gate_proj, up_proj, down_proj: expected three nbmoe.QuantizedWeight or three "
+                            f"arrays, got {', '.join(type(w).__qualname__ for w in (gate_proj, up_proj, down_proj))}")
+        parts = [gate_proj, up_proj, down_proj]
+        formats = [w.format for w in parts]
+        if len(set(formats)) > 1:
+            raise ValueError(f"gate_proj, up_proj, down_proj: expected one format, got {formats}")
+        fmt = formats[0]
+        if weight_format not in (None, fmt):
+            raise ValueError(f"weight_format: {weight_format!r} contradicts the QuantizedWeight objects, "
+                             f"which are {fmt!r}; pass weight_format=None or {fmt!r}")
+        groups = [w.group_size for w in parts]
+        if len(set(groups)) > 1:
+            raise ValueError(f"gate_proj, up_proj, down_proj: expected one group_size, got {groups}")
+        if group_size is not None and fmt != "int8" and group_size != groups[0]:
+            raise ValueError(f"group_size: {group_size} contradicts the QuantizedWeight objects' "
+                             f"group_size {groups[0]}; pass None or {groups[0]}")
+        group_size = groups[0]
+        E, I, H = gate_proj.shape
+        for name, w, want, labels in (("up_proj", up_proj, (E, I, H), "(E, I, H)"),
+                                      ("down_proj", down_proj, (E, H, I), "(E, H, I)")):
+            if w.shape != want:
+                raise ValueError(f"{name}: expected shape {labels} = {want} (from gate_proj), got {w.shape}")
+    else:
+        fmt = weight_format or "bf16"
+        gate = checks.bf16_bits("gate_proj", gate_proj, (None, None, None), "(E, I, H)")
+        E, I, H = gate.shape
+        if min(E, I, H) < 1:
+            raise ValueError(f"gate_proj: expected E, I, H >= 1, got shape {(E, I, H)}")
+        up = checks.bf16_bits("up_proj", up_proj, (E, I, H), "(E, I, H)")
+        down = checks.bf16_bits("down_proj", down_proj, (E, H, I), "(E, H, I)")
+        if fmt.startswith("int4") and group_size is None:
+            group_size = DEFAULT_GROUP_SIZE
+        parts = [gate, up, down]
+    if fmt.startswith("int4"):
+        for name, K in (("H (gate_proj, up_proj)", H), ("I (down_proj)", I)):
+            if group_size % PAD or K % group_size:
+                raise ValueError(f"group_size: the int4 kernels need a multiple of {PAD} that divides "
+                                 f"every K, here {name} = {K}; got {group_size}")
+    if not fmt.startswith("int4"):
+        group_size = None              # bf16 and int8 have no K groups: the argument does not apply
+    if not any(given) and fmt != "bf16":
+        parts = [quantize(w.view(checks.BF16), fmt, group_size) for w in parts]
+    return fmt, group_size, parts
+
+
 class MoELayer:
     """The routed experts of one MoE layer, with optional LoRA, forward and backward.
 
@@ -88,27 +149,18 @@ class MoELayer:
     committed only as far as calls use them.
     """
 
-    def __init__(self, gate_proj, up_proj, down_proj, lora=None, weight_format="bf16",
-                 group_size=128, tp=1, max_tokens=4096, cache_depth=1, route=None):
-        checks.choice("weight_format", weight_format, WEIGHT_FORMATS)
-        checks.integer("group_size", group_size, 1)
+    def __init__(self, gate_proj, up_proj, down_proj, lora=None, weight_format=None,
+                 group_size=None, tp=1, max_tokens=4096, cache_depth=1, route=None):
         tp = checks.integer("tp", tp, 1)
         self.max_tokens = checks.integer("max_tokens", max_tokens, 1)
         self.cache_depth = checks.integer("cache_depth", cache_depth, 0)
-        gate = checks.bf16_bits("gate_proj", gate_proj, (None, None, None), "(E, I, H)")
-        E, I, H = gate.shape
-        if min(E, I, H) < 1:
-            raise ValueError(f"gate_proj: expected E, I, H >= 1, got shape {gate.shape}")
-        up = checks.bf16_bits("up_proj", up_proj, (E, I, H), "(E, I, H)")
-        down = checks.bf16_bits("down_proj", down_proj, (E, H, I), "(E, H, I)")
-        if weight_format != "bf16":
-            raise NotImplementedError(f"weight_format={weight_format!r}: quantized base weights "
-                                      f"are not implemented in this version; use 'bf16'")
+        fmt, group_size, parts = _base_weights(gate_proj, up_proj, down_proj, weight_format, group_size)
+        E, I, H = parts[0].shape
         if tp != 1:
             raise NotImplementedError(f"tp={tp}: tensor parallelism is not implemented in this "
                                       f"version; use tp=1")
         self.num_experts, self.intermediate_size, self.hidden_size = E, I, H
-        self.weight_format = weight_format
+        self.weight_format, self.group_size = fmt, group_size
         self.tp = tp
         if lora is not None and not isinstance(lora, LoRAWeights):
             raise TypeError(f"lora: expected nbmoe.LoRAWeights or None, got {type(lora).__qualname__}")
@@ -118,13 +170,14 @@ class MoELayer:
         if route is not None:
             checks.choice("route", route, ROUTES)
         self.route = choose_route(route)
-        self._packed = moe.PackedWeights(gate, up, down)
+        self._packed = moe.PackedWeights(*parts, fmt)
         self._k = None
         self._stack = None
 
     def __repr__(self):
+        group = f", group_size={self.group_size}" if self.group_size else ""
         return (f"MoELayer(E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, "
-                f"r={self.rank}, weight_format={self.weight_format!r}, route={self.route.name!r}, "
+                f"r={self.rank}, weight_format={self.weight_format!r}{group}, route={self.route.name!r}, "
                 f"max_tokens={self.max_tokens}, cache_depth={self.cache_depth}, saved={self.saved})")
 
     @property
@@ -133,7 +186,8 @@ class MoELayer:
 
     @property
     def packed_nbytes(self):
-        """Bytes of the packed base weights (forward and backward layouts)."""
+        """Bytes of the stored base weights: one copy each, in their format, with scales
+        and zero points (forward and backward both read it)."""
         return self._packed.nbytes
 
     @property

@@ -1,7 +1,7 @@
 """The oracle: MoE LoRA forward and backward in float64 NumPy, obvious rather than fast.
 
 Inputs are the same bf16 (or float32) arrays the layer gets, read exactly as float64.
-It rounds to bf16 exactly where the contract stores bf16 (DESIGN.md section 3):
+It rounds to bf16 exactly where the contract stores bf16 (docs/design.md §3):
 ``g``, ``u`` and ``h`` (cached), ``y``, the ``d`` the router gradient reads, and
 ``grad_x``. Everything else is float64: the kernels' own internal bf16 operands
 (``G = w * grad_y``, ``dg``, ``du``) are approximations the tests measure.
@@ -9,7 +9,9 @@ It rounds to bf16 exactly where the contract stores bf16 (DESIGN.md section 3):
 
 import numpy as np
 
-from .layer import LORA_FIELDS
+# the six LoRA factors in their one order (LoRAWeights, MoEGrads, every list of them);
+# defined here so that the oracle needs nothing but NumPy
+LORA_FIELDS = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 
 
 def round_bf16(a):

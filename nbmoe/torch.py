@@ -8,9 +8,15 @@
   ``down_proj [E, H, I]``, SiLU) runs on nbmoe with ``experts_implementation="nbmoe"`` or
   ``model.set_experts_implementation("nbmoe")``.
 - ``NbmoeExperts``: the same as a standalone ``nn.Module``.
-- ``reference_experts_forward`` (``"nbmoe_reference"``): the same LoRA experts in plain
-  PyTorch, float32 from the bf16 values, a Python loop over experts: to check against,
-  and the eager baseline of ``python -m nbmoe finetune``.
+- ``eager_experts``: the eager baseline, the one that ``python -m nbmoe bench``,
+  ``python -m nbmoe finetune`` and the tests measure nbmoe against: transformers' expert
+  loop (``Qwen3MoeExperts.forward``: a Python loop over the experts hit, ``F.linear`` on
+  the fused ``gate_up_proj``, SiLU, ``down_proj``, ``index_add_`` of the weighted
+  outputs, in the weights' dtype) with PEFT-style LoRA: one small tensor per expert and
+  factor, as PEFT wraps each expert's ``Linear`` (autograd then makes gradients only for
+  the experts a batch reaches), the input cast to the factors' dtype and the sum cast
+  back. ``reference_experts_forward`` (``"nbmoe_reference"``) runs an experts module on it.
+- ``to_numpy`` / ``to_torch``: the one bf16-aware bridge between tensors and arrays.
 - ``add_lora`` / ``save_lora`` / ``load_lora`` / ``merge_lora``: LoRA adapters on every
   experts module (``gate_lora_a [E, r, H]``, ``gate_lora_b [E, I, r]``, ``up_lora_*``,
   ``down_lora_a [E, r, I]``, ``down_lora_b [E, H, r]``, attribute ``lora_alpha``).
@@ -42,15 +48,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layer import LORA_FIELDS, LoRAWeights, MoELayer
+from .layer import LoRAWeights, MoELayer
+from .reference import LORA_FIELDS
 
 LORA_NAMES = tuple(f"{n[:-2]}_lora{n[-2:]}" for n in LORA_FIELDS)     # gate_a -> gate_lora_a, ...
 CACHE_DEPTH = 4        # forwards of one experts module that may await backward at once
 MIN_TOKENS = 4096      # initial token capacity; grows (while nothing is saved) as calls need
 
 
-def _numpy(t, name):
-    """A CPU tensor's memory as a NumPy array, no copy: bf16 via int16, float32 as is."""
+def to_numpy(t, name="tensor"):
+    """A CPU tensor's memory as a NumPy array, no copy: bf16 via int16 (as ml_dtypes.bfloat16),
+    float32 as is; ``name`` is what an error calls the tensor."""
     if t.device.type != "cpu":
         raise ValueError(f"{name}: nbmoe runs on the CPU, got a tensor on {t.device}")
     t = t.detach()
@@ -113,13 +121,13 @@ class _State:
     """What an experts module keeps for nbmoe: its layer, and the key of the packed weights."""
 
     def __init__(self, module, tokens):
-        gate_up = _numpy(module.gate_up_proj, "gate_up_proj")
+        gate_up = to_numpy(module.gate_up_proj, "gate_up_proj")
         I = gate_up.shape[1] // 2
         self.lora = None
         if has_lora(module):
-            self.lora = LoRAWeights(*[_numpy(getattr(module, n), n) for n in LORA_NAMES],
+            self.lora = LoRAWeights(*[to_numpy(getattr(module, n), n) for n in LORA_NAMES],
                                     alpha=float(module.lora_alpha))
-        self.layer = MoELayer(gate_up[:, :I], gate_up[:, I:], _numpy(module.down_proj, "down_proj"),
+        self.layer = MoELayer(gate_up[:, :I], gate_up[:, I:], to_numpy(module.down_proj, "down_proj"),
                               lora=self.lora, max_tokens=max(MIN_TOKENS, tokens),
                               cache_depth=getattr(module, "nbmoe_cache_depth", CACHE_DEPTH))
         self.key = _key(module)
@@ -141,7 +149,7 @@ def _state(module, tokens, k):
         module.__dict__["_nbmoe_state"] = state
     if state.lora is not None:            # fresh views each call: the parameters may be new tensors
         for name, layer_name in zip(LORA_NAMES, LORA_FIELDS):
-            setattr(state.lora, layer_name, _numpy(getattr(module, name), name))
+            setattr(state.lora, layer_name, to_numpy(getattr(module, name), name))
         state.lora.alpha = float(module.lora_alpha)
     layer = state.layer
     if tokens > layer.max_tokens or layer.top_k not in (None, k):
@@ -179,15 +187,15 @@ class ExpertsFunction(torch.autograd.Function):
             raise TypeError(f"top_k_index: expected dtype torch.int64 or torch.int32, got {ids.dtype}")
         ids = torch.where(ids == E, -1, ids).numpy()           # transformers' skipped-slot sentinel
         weights = top_k_weights.detach().float().contiguous()
-        y = state.layer.forward(_numpy(hidden_states.contiguous(), "hidden_states"), ids,
-                                _numpy(weights, "top_k_weights"), save_for_backward=save)
+        y = state.layer.forward(to_numpy(hidden_states.contiguous(), "hidden_states"), ids,
+                                to_numpy(weights, "top_k_weights"), save_for_backward=save)
         ctx.saved = _Saved(state.layer) if save else None
         ctx.dtypes = (hidden_states.dtype, top_k_weights.dtype) + tuple(p.dtype for p in lora)
         return to_torch(y, hidden_states.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        grads = ctx.saved.backward(_numpy(grad_y.to(torch.bfloat16).contiguous(), "grad_y"))
+        grads = ctx.saved.backward(to_numpy(grad_y.to(torch.bfloat16).contiguous(), "grad_y"))
         out = [None, None, to_torch(grads.input, ctx.dtypes[0]), None, to_torch(grads.topk_weights, ctx.dtypes[1])]
         lora = [getattr(grads, n) for n in LORA_FIELDS] if len(ctx.dtypes) > 2 else []
         out += [to_torch(g, dtype) for g, dtype in zip(lora, ctx.dtypes[2:])]
@@ -326,30 +334,48 @@ def merge_lora(model):
     return model
 
 
+def eager_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, lora=None, scaling=1.0):
+    """The eager baseline (see the module docstring), autograd for everything that requires grad.
+
+    hidden_states [T, H]; top_k_index [T, k] (-1 and ``E`` are skipped slots); top_k_weights
+    [T, k]; gate_up_proj [E, 2I, H] (gate first); down_proj [E, H, I]; lora: None or
+    {field of LORA_FIELDS: E per-expert tensors}; ``scaling``: alpha / r."""
+    E = gate_up_proj.shape[0]
+    F = nn.functional
+    out = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        mask = F.one_hot(torch.where(top_k_index < 0, E, top_k_index), E + 1)[..., :E].permute(2, 1, 0)
+        hit = torch.nonzero(mask.sum(dim=(1, 2))).flatten().tolist()
+    for e in hit:
+        slot, token = torch.where(mask[e])
+        xs = hidden_states[token]
+        gate, up = F.linear(xs, gate_up_proj[e]).chunk(2, dim=-1)
+        if lora is not None:
+            gate = _peft(gate, xs, lora["gate_a"][e], lora["gate_b"][e], scaling)
+            up = _peft(up, xs, lora["up_a"][e], lora["up_b"][e], scaling)
+        h = F.silu(gate) * up
+        d = F.linear(h, down_proj[e])
+        if lora is not None:
+            d = _peft(d, h, lora["down_a"][e], lora["down_b"][e], scaling)
+        out.index_add_(0, token, (d * top_k_weights[token, slot, None]).to(out.dtype))
+    return out
+
+
+def _peft(base, x, a, b, scaling):
+    """A PEFT LoRA ``Linear``: ``base + scaling * B (A x)`` in the factors' dtype, back in the base's."""
+    return (base + (x.to(a.dtype) @ a.T) @ b.T * scaling).to(base.dtype)
+
+
 def reference_experts_forward(module, hidden_states, top_k_index, top_k_weights):
-    """The experts of ``module`` with its LoRA adapters (if any) in plain PyTorch autograd,
-    float32 from the bf16 values; ids >= num_experts (transformers' sentinel) are skipped."""
-    x = hidden_states.float()
-    out = torch.zeros_like(x)
-    I = module.gate_up_proj.shape[1] // 2
-    lora = has_lora(module)
-    s = module.lora_alpha / module.gate_lora_a.shape[1] if lora else 0.0
-    for e in range(module.gate_up_proj.shape[0]):
-        token, slot = torch.where(top_k_index == e)
-        if token.numel() == 0:
-            continue
-        xs = x[token]
-        gate_up = module.gate_up_proj[e].float()
-        g, u = xs @ gate_up[:I].T, xs @ gate_up[I:].T
-        if lora:
-            g = g + s * (xs @ module.gate_lora_a[e].float().T) @ module.gate_lora_b[e].float().T
-            u = u + s * (xs @ module.up_lora_a[e].float().T) @ module.up_lora_b[e].float().T
-        h = nn.functional.silu(g) * u
-        d = h @ module.down_proj[e].float().T
-        if lora:
-            d = d + s * (h @ module.down_lora_a[e].float().T) @ module.down_lora_b[e].float().T
-        out = out.index_add(0, token, d * top_k_weights[token, slot, None].float())
-    return out.to(hidden_states.dtype)
+    """The ``"nbmoe_reference"`` experts implementation: ``module`` on ``eager_experts``, its
+    [E, ...] LoRA parameters unbound into per-expert views (one gradient per parameter, filled
+    where experts were reached, rather than one full-size gradient per expert hit)."""
+    lora, scaling = None, 1.0
+    if has_lora(module):
+        lora = {f: getattr(module, n).unbind(0) for f, n in zip(LORA_FIELDS, LORA_NAMES)}
+        scaling = module.lora_alpha / module.gate_lora_a.shape[1]
+    return eager_experts(hidden_states, top_k_index, top_k_weights, module.gate_up_proj, module.down_proj,
+                         lora, scaling)
 
 
 class NbmoeExperts(nn.Module):

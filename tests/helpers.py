@@ -1,16 +1,16 @@
-"""Test data at realistic scale and the error metric of DESIGN.md section 9."""
+"""Test data at realistic scale and the error metric of docs/design.md §9."""
 
 import ml_dtypes
 import numpy as np
 
 import nbmoe
 from nbmoe import reference
+from nbmoe.reference import LORA_FIELDS
 
 BF16 = ml_dtypes.bfloat16
 FORWARD_BOUND = 0.01
 GRAD_BOUND = 0.02
-GRAD_NAMES = ("input", "topk_weights", "gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
-LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+GRAD_NAMES = ("input", "topk_weights") + LORA_FIELDS
 
 
 def rel(got, ref):
@@ -65,10 +65,17 @@ class Problem:
         return nbmoe.MoELayer(self.gate, self.up, self.down, lora=self.lora, **kwargs)
 
     def reference(self):
-        """(y, grads) of the float64 oracle."""
+        """(y, grads) of the float64 oracle. Sets ``grad_w_terms``: per (t, j) the sum of
+        |grad_y[t, h] d[t, j, h]| its router-weight gradient adds up (for ``errors``)."""
         y, saved = reference.forward(self.x, self.topk_ids, self.topk_weights, self.gate, self.up,
                                      self.down, self.lora)
-        return y, reference.backward(saved, self.grad_y)
+        grads = reference.backward(saved, self.grad_y)
+        terms = np.zeros(self.topk_ids.shape)
+        gy = np.abs(self.grad_y.astype(np.float64))
+        for c in saved["experts"]:
+            terms[c["tok"], c["slot"]] = np.sum(gy[c["tok"]] * np.abs(c["d"]), axis=1)
+        self.grad_w_terms = terms
+        return y, grads
 
     def run(self, layer=None, **kwargs):
         """(y, grads) of the layer: one saved forward, one backward."""
@@ -78,12 +85,22 @@ class Problem:
 
 
 def errors(problem, y, grads, ref=None):
-    """{name: rel error} for the output and every gradient."""
+    """{name: rel error} for the output and every gradient.
+
+    ``topk_weights``: each entry is one H-term dot product <grad_y[t], d[t, j]>. Where
+    those sums cancel, rel says nothing (hypothesis found E=1, T=1, H=25, alpha/r = 8:
+    terms summing to 3960 in magnitude cancel to -296, and the bf16 roundings of g, u, h
+    move d by ~0.2%, so rel = 0.031 while |error| = 9.1 = 2^-8.8 of the terms). There the
+    error is measured against the terms instead: |error| / (2^-7 sum|terms|) scaled to
+    the bound, i.e. it passes when every entry is within 2^-7 of its terms' magnitude."""
     ref_y, ref_g = problem.reference() if ref is None else ref
     out = {"y": rel(y, ref_y)}
     for name in GRAD_NAMES:
         if name in ref_g:
             out[name] = rel(getattr(grads, name), ref_g[name])
+    if out.get("topk_weights", 0.0) > GRAD_BOUND:
+        err = np.abs(grads.topk_weights.astype(np.float64) - ref_g["topk_weights"])
+        out["topk_weights"] = GRAD_BOUND * float(np.max(err / (2.0 ** -7 * problem.grad_w_terms + 1e-30)))
     return out
 
 

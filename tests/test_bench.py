@@ -1,39 +1,106 @@
 """The measurement helpers: the eager baseline computes the same function as the
-reference (a comparison with a different function would mean nothing), and the counts."""
+reference (a comparison with a different function would mean nothing), the counts, and
+the routing both sides get."""
 
 import numpy as np
-import torch
-
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from nbmoe import bench
 from nbmoe.kernels import peak
+from nbmoe.torch import to_numpy, to_torch
 from conftest import RUNNABLE
 from helpers import Problem, assert_close, rel
+
+
+def _eager_step(eager, x, ids, weights, grad_y):
+    """(y, x) after one forward and backward of ``eager``; x (a leaf) holds its gradient."""
+    x = to_torch(x).requires_grad_(True)
+    y = eager.forward(x, to_torch(ids), to_torch(weights, torch.bfloat16).requires_grad_(True))
+    y.backward(to_torch(grad_y))
+    return y, x
 
 
 def test_eager_baseline_matches_reference():
     problem = Problem(seed=0, E=6, k=3, H=64, I=48, r=4, T=12, skip=0.2)
     eager = bench.EagerExperts(problem.gate, problem.up, problem.down, problem.lora)
-    as_bf16 = lambda a: torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    x = as_bf16(problem.x).requires_grad_(True)
-    w = torch.from_numpy(problem.topk_weights).to(torch.bfloat16).requires_grad_(True)
-    y = eager.forward(x, torch.from_numpy(problem.topk_ids), w)
-    y.backward(as_bf16(problem.grad_y))
+    y, x = _eager_step(eager, problem.x, problem.topk_ids, problem.topk_weights, problem.grad_y)
     y_ref, grads_ref = problem.reference()
     # the baseline is bf16 end to end (LoRA weights too): over 20 seeds at most
     # 0.009 (y), 0.008 (input), 0.010 (down_b)
-    assert rel(y.detach().float().numpy(), y_ref) < 0.02
-    assert rel(x.grad.float().numpy(), grads_ref["input"]) < 0.03
+    assert rel(to_numpy(y), y_ref) < 0.02
+    assert rel(to_numpy(x.grad), grads_ref["input"]) < 0.03
     down_b = [t.grad if t.grad is not None else torch.zeros_like(t) for t in eager.lora["down_b"]]
-    assert rel(torch.stack(down_b).float().numpy(), grads_ref["down_b"]) < 0.03
+    assert rel(to_numpy(torch.stack(down_b)), grads_ref["down_b"]) < 0.03
 
 
-def test_flops_and_bytes():
-    fwd, bwd = bench.flops(T=2, k=3, H=10, I=20, r=4)
-    assert fwd == 2 * 6 * (3 * 10 * 20 + 3 * 4 * 30) and bwd == 2 * 6 * (3 * 10 * 20 + 6 * 4 * 30)
+def test_eager_baseline_makes_lora_gradients_only_for_experts_reached():
+    # PEFT's per-expert Linear: an expert no token reaches costs its LoRA nothing in backward
+    problem = Problem(seed=1, E=6, k=2, H=32, I=16, r=2, T=4)
+    problem.topk_ids[:] = [1, 4]
+    eager = bench.EagerExperts(problem.gate, problem.up, problem.down, problem.lora)
+    _eager_step(eager, problem.x, problem.topk_ids, problem.topk_weights, problem.grad_y)
+    for name, tensors in eager.lora.items():
+        assert [e for e, t in enumerate(tensors) if t.grad is not None] == [1, 4], name
+
+
+def test_flops_count_what_the_eager_baseline_multiplies():
+    # an independent count: torch's FLOP counter on the baseline's matmuls, forward and backward
+    T, E, k, H, I, r = 5, 6, 3, 40, 24, 4
+    eager = bench.EagerExperts(*bench.layer_weights(E, H, I, r))
+    ids, weights = bench.routing(T, E, k)
+    x, grad_y = bench.activations(T, H)
+    x, weights = to_torch(x).requires_grad_(True), to_torch(weights, torch.bfloat16).requires_grad_(True)
+    with FlopCounterMode(display=False) as forward:
+        y = eager.forward(x, to_torch(ids), weights)
+    with FlopCounterMode(display=False) as backward:
+        y.backward(to_torch(grad_y))
+    assert bench.flops(T, k, H, I, r) == (forward.get_total_flops(), backward.get_total_flops())
+
+
+def test_weight_bytes_are_the_experts_touched():
+    gate, up, down, _ = bench.layer_weights(E=5, H=10, I=20, r=0)
     ids = np.array([[0, 3], [3, -1]])
-    assert bench.weight_bytes(ids, E=5, H=10, I=20) == 2 * 3 * 10 * 20 * 2
+    touched = sum(w[e].nbytes for w in (gate, up, down) for e in (0, 3))
+    assert bench.weight_bytes(ids, E=5, H=10, I=20) == touched
+
+
+@pytest.mark.parametrize("skew", [None, 1.0])
+def test_routing_draws_k_distinct_experts(skew):
+    ids, weights = bench.routing(T=500, E=16, k=6, seed=3, skew=skew)
+    assert ids.shape == weights.shape == (500, 6) and ids.dtype == np.int64
+    assert ids.min() >= 0 and ids.max() < 16
+    assert all(len(set(row)) == 6 for row in ids.tolist())
+    assert np.allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_zipf_routing_is_skewed():
+    T, E, k = 4000, 64, 4
+
+    def shares(**kwargs):
+        ids = bench.routing(T, E, k, **kwargs)[0]
+        return np.bincount(ids.ravel(), minlength=E) / ids.size
+
+    for flat in (shares(), shares(skew=0.0)):
+        assert flat.max() < 1.5 / E
+    zipf = [shares(seed=seed, skew=1.0) for seed in range(3)]
+    # popularity 1 / i over 64 experts, 4 per token: the top expert gets ~0.16 of the
+    # pairs (10 / E), the top four ~0.38 (uniform: 4 / E = 0.06)
+    assert all(z.max() > 8 / E and np.sort(z)[-4:].sum() > 0.3 for z in zipf)
+    assert len({int(z.argmax()) for z in zipf}) > 1          # which expert leads: a random permutation
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(k=0), ValueError, r"k: expected an int in \[1, 8\], got 0"),
+    (dict(k=9), ValueError, r"k: expected an int in \[1, 8\], got 9"),
+    (dict(skew=-1.0), ValueError, r"skew: expected a number >= 0, got -1.0"),
+    (dict(skew=float("nan")), ValueError, r"skew: expected a finite number, got nan"),
+    (dict(skew="1"), TypeError, r"skew: expected a real number, got str"),
+])
+def test_routing_refuses_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        bench.routing(**dict(dict(T=4, E=8, k=2), **kwargs))
 
 
 def test_layer_weights_are_at_realistic_scale():
@@ -55,8 +122,10 @@ def test_peak_spins_do_the_arithmetic_they_count(route):
     elif route == "avx512_bf16":    # item i: 12 chains x 16 lanes x 3 x (1 * y + 1 * 0), y = bf16 bits 0x3F80 + i
         y = np.array([0x3F80, 0x3F81], np.uint16).view(bench.ml_dtypes.bfloat16).astype(np.float64)
         assert out[0] == 12 * 16 * 3 * y[0] and out[1] == 12 * 16 * 3 * y[1]
-    else:
-        assert np.all(np.isfinite(out)) and flop == 2 * 16 * peak.ACC
+    else:                           # item i: 16 lanes x 12 chains a <- 0.999 a + 0.001 from (i + 1) f_j
+        f = np.float32([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0, 2.1]).astype(np.float64)
+        expected = [16 * np.sum(1 + ((i + 1) * f - 1) * 0.999 ** 3) for i in range(2)]
+        assert np.allclose(out, expected, rtol=1e-5, atol=0) and flop == 2 * 16 * len(f)
 
 
 def test_read_stream_reads_everything():

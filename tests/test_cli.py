@@ -1,22 +1,62 @@
-"""The command line: run (the main job, at a small size) and info."""
+"""The command line: run (the main job, at a small size), info, bench's flags, finetune,
+and the progress bar (on a terminal only)."""
 
+import fcntl
+import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 
+import pytest
+
+from nbmoe.__main__ import main
 from nbmoe.kernels import isa
+
+SMALL_RUN = ("run", "-E", "8", "-k", "2", "-H", "64", "-I", "48", "-r", "4", "-T", "24", "--steps", "2")
 
 
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "nbmoe", *args], capture_output=True, text=True, timeout=600)
 
 
+def _run_on_terminal(*args):
+    """(returncode, stdout, what a terminal on stderr showed): stdout piped, stderr a
+    100-column pty."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "nbmoe", *args], stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:                     # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    stdout = proc.communicate(timeout=600)[0]
+    return proc.returncode, stdout.decode(), shown.decode()
+
+
 def test_run_small_layer_checks_against_reference():
-    done = _run("run", "-E", "8", "-k", "2", "-H", "64", "-I", "48", "-r", "4", "-T", "24", "--steps", "2")
+    done = _run(*SMALL_RUN)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert f"route {isa.runnable()[0]}" in out and "GFLOP/s" in out and "tokens/s" in out
     assert "check: 8 sampled tokens vs float64 reference" in out and out.rstrip().endswith("OK")
-    assert "steps [" in done.stderr                    # the progress bar
+    # piped: no progress bar, so no carriage-return lines in a log
+    assert "steps" not in done.stderr and "\r" not in done.stdout + done.stderr
+
+
+def test_progress_bar_on_a_terminal():
+    returncode, stdout, shown = _run_on_terminal(*SMALL_RUN)
+    assert returncode == 0, shown
+    assert "steps: 100%" in shown and "2/2" in shown and "\r" in shown
+    assert "\r" not in stdout and stdout.rstrip().endswith("OK")
 
 
 def test_info_prints_route_and_threads():
@@ -31,16 +71,38 @@ def test_bad_flag_is_a_usage_error():
     assert done.returncode == 2 and "invalid int value" in done.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--routing", "zipf", "--zipf-s", "-1"], "argument --zipf-s: expected a finite number >= 0, got '-1'"),
+    (["--routing", "zipf", "--zipf-s", "nan"], "argument --zipf-s: expected a finite number >= 0, got 'nan'"),
+    (["--zipf-s", "2"], "argument --zipf-s: applies to --routing zipf only"),
+    (["--routing", "pareto"], "argument --routing: invalid choice: 'pareto'"),
+])
+def test_bench_routing_flags_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_with_zipf_routing():
+    done = _run("bench", "-E", "8", "-k", "2", "-H", "64", "-I", "32", "-r", "2", "-T", "4", "16", "--repeat", "1",
+                "--routing", "zipf", "--zipf-s", "1.5")
+    assert done.returncode == 0, done.stderr
+    assert "routing zipf s=1.5" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.lstrip().startswith(("4 |", "16 |"))]
+    assert len(rows) == 4 and all(float(row.split("|")[4].rstrip("x ")) > 0 for row in rows)
+
+
+@pytest.mark.slow
 def test_finetune_prints_the_loss_curve_and_speed():
     done = _run("finetune", "--steps", "4", "--batch", "2", "--length", "16", "--rank", "4")
     assert done.returncode == 0, done.stderr
     assert "loss curve (step: loss): 1:" in done.stdout and "training tokens/s: nbmoe experts" in done.stdout
+    assert "training" not in done.stderr and "\r" not in done.stdout + done.stderr
 
 
 def test_commands_needing_torch_say_how_to_install_it(monkeypatch, capsys):
     import importlib.util
-
-    from nbmoe.__main__ import main
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))

@@ -42,7 +42,6 @@ def _construct(problem, **overrides):
     ("down_proj", np.zeros((E, H, I), np.int8), TypeError, r"down_proj: expected dtype bfloat16 or float32, got int8"),
     ("lora", {"gate_a": 1}, TypeError, r"lora: expected nbmoe.LoRAWeights or None, got dict"),
     ("weight_format", "fp8", ValueError, r"weight_format: expected one of .*'int4_k2'\), got 'fp8'"),
-    ("weight_format", "int8", NotImplementedError, r"weight_format='int8': quantized base weights"),
     ("tp", 2, NotImplementedError, r"tp=2: tensor parallelism is not implemented"),
     ("tp", 0, ValueError, r"tp: expected an int >= 1, got 0"),
     ("max_tokens", 0, ValueError, r"max_tokens: expected an int >= 1, got 0"),

@@ -1,36 +1,80 @@
-"""VNNI packing and the grouped GEMM with its fused LoRA epilogue, against float64."""
+"""The stored weight layout and the grouped GEMM (both directions, every format, the fused
+LoRA epilogue) against float64."""
+
+import math
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import nbmoe
 from nbmoe.kernels import isa
-from nbmoe.kernels.gemm import PAD, ROW_SLACK, TILE_N, PackedMatrix, grouped_gemm, make_tasks, pack_vnni, padded
+from nbmoe.kernels.gemm import ROW_SLACK, TILE_N, PackedMatrix, PackedWeight, grouped_gemm, padded
 from nbmoe.reference import round_bf16
 from conftest import RUNNABLE
 from helpers import BF16, assert_fp32_sums, rel
 
 
 
-def _unpack(packed, N, K):
-    """The inverse of pack_vnni: [E, Np/16, Kp/2, 16] uint32 -> [E, N, K] uint16."""
-    E, blocks, pairs, _ = packed.shape
-    halves = packed.view(np.uint16).reshape(E, blocks, pairs, 16, 2)
+def _unpack(codes, N, K):
+    """The inverse of the bf16 layout: [E, Np/16, Kp/2, 16] uint32 -> [E, N, K] uint16."""
+    E, blocks, pairs, _ = codes.shape
+    halves = codes.view(np.uint16).reshape(E, blocks, pairs, 16, 2)
     return halves.transpose(0, 1, 3, 2, 4).reshape(E, blocks * 16, pairs * 2)[:, :N, :K]
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 70), st.integers(1, 70), st.booleans())
-def test_pack_vnni_round_trips(E, N, K, transposed):
+@given(st.integers(1, 3), st.integers(1, 70), st.integers(1, 70), st.integers(1, 2))
+def test_bf16_layout_round_trips(E, N, K, parts):
     rng = np.random.default_rng(N * 100 + K)
-    w = rng.integers(0, 1 << 16, (E, K, N) if transposed else (E, N, K)).astype(np.uint16)
-    src = w.transpose(0, 2, 1) if transposed else w
-    packed = np.zeros((E, padded(N) // 16, padded(K) // 2, 16), np.uint32)
-    pack_vnni(src, packed, 0, 0)
-    assert np.array_equal(_unpack(packed, N, K), src)
-    assert not np.any(_unpack(packed, padded(N), padded(K))[:, N:, :]) and \
-        not np.any(_unpack(packed, padded(N), padded(K))[:, :, K:])
+    ws = [rng.integers(0, 1 << 16, (E, N, K)).astype(np.uint16) for _ in range(parts)]
+    codes = PackedWeight(ws, "bf16").codes
+    Np = padded(N)
+    for i, w in enumerate(ws):
+        block = _unpack(codes[:, i * Np // 16:(i + 1) * Np // 16], Np, padded(K))
+        assert np.array_equal(block[:, :N, :K], w)
+        assert not np.any(block[:, N:, :]) and not np.any(block[:, :, K:])          # pads: zero
+
+
+FORMATS = [("bf16", None), ("int8", None), ("int4_awq", 32), ("int4_awq", 64), ("int4_k2", 32)]
+
+
+@pytest.mark.parametrize("route", RUNNABLE)
+@settings(max_examples=30, deadline=None)
+@given(E=st.integers(1, 4), N=st.sampled_from([16, 40, 64, 96]), K=st.sampled_from([64, 128]),
+       fmt=st.sampled_from(FORMATS), most=st.sampled_from([2, 9, 40]), seed=st.integers(0, 2**31 - 1))
+def test_both_directions_multiply_by_the_stored_weights(route, E, N, K, fmt, most, seed):
+    # forward (a W^T) and backward (g W) from one stored copy, every format: each equals the
+    # float64 product with dequantize()'s weights to fp32 summation error - the bound a
+    # backward on any other weights (a re-rounded or re-quantized transpose) breaks
+    rng = np.random.default_rng(seed)
+    kind, group = fmt
+    w = (rng.standard_normal((E, N, K)) * K ** -0.5).astype(np.float32)
+    if kind == "bf16":
+        weights = w.astype(BF16)
+        packed, W = PackedWeight([weights.view(np.uint16)], kind), weights.astype(np.float64)
+    else:
+        q = nbmoe.quantize(w, kind, group)
+        packed, W = PackedWeight([q], kind), q.dequantize().astype(np.float64)
+    counts = rng.integers(0, most + 1, E)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    P = int(offsets[-1])
+    slot_of_expert = np.where(counts > 0, np.cumsum(counts > 0) - 1, -1).astype(np.int64)
+    none = np.zeros((0, 0), np.uint16)
+    for transposed, (cols, inner) in ((False, (N, K)), (True, (K, N))):
+        a = np.zeros((P + ROW_SLACK, padded(inner)), np.uint16)
+        a[:P, :inner] = rng.standard_normal((P, inner)).astype(BF16).view(np.uint16)
+        out = np.full((P, padded(cols)), np.nan, np.float32)
+        grouped_gemm(isa.Route(route, ""), a.view(np.uint32), packed, offsets, slot_of_expert,
+                     np.zeros((P, 0), np.float32), np.zeros((E, 0, padded(cols)), np.float32), padded(cols),
+                     np.float32(0), out, none, transposed=transposed)
+        x = a[:P, :inner].view(BF16).astype(np.float64)
+        for e in np.flatnonzero(counts):
+            rows = slice(offsets[e], offsets[e + 1])
+            m = W[e] if transposed else W[e].T
+            assert_fp32_sums(out[rows, :cols], x[rows] @ m, np.abs(x[rows]) @ np.abs(m), inner)
+            assert not np.any(out[rows, cols:])                                    # pad columns: zero
 
 
 @pytest.mark.parametrize("route", RUNNABLE)
@@ -48,9 +92,7 @@ def test_grouped_gemm_matches_float64(route, E, N, K, R, groups, most, seed):
     slot_of_expert = np.full(E, -1, np.int64)
     slot_of_expert[active] = np.arange(active.size)
     w = rng.standard_normal((E, groups * N, K)).astype(BF16)
-    packed = np.zeros((E, groups * Np // 16, Kp // 2, 16), np.uint32)
-    for g in range(groups):
-        pack_vnni(w[:, g * N:(g + 1) * N].view(np.uint16), packed, g * Np // 16, 0)
+    packed = PackedWeight([w[:, g * N:(g + 1) * N].view(np.uint16) for g in range(groups)], "bf16")
     a = np.zeros((P + ROW_SLACK, Kp), np.uint16)
     a[:P, :K] = rng.standard_normal((P, K)).astype(BF16).view(np.uint16)
     lora_l = rng.standard_normal((P + 2, groups * R)).astype(np.float32)
@@ -60,8 +102,7 @@ def test_grouped_gemm_matches_float64(route, E, N, K, R, groups, most, seed):
     scale = np.float32(0.75)
     out32 = np.full((P + 2, groups * Np), np.nan, np.float32)
     out16 = np.zeros((P + 2, groups * Np), np.uint16)
-    tasks = make_tasks(offsets, slot_of_expert, groups * Np // TILE_N)
-    grouped_gemm(isa.Route(route, ""), a.view(np.uint32), packed, offsets, slot_of_expert, tasks, lora_l, lora_r, Np,
+    grouped_gemm(isa.Route(route, ""), a.view(np.uint32), packed, offsets, slot_of_expert, lora_l, lora_r, Np,
                  scale, out32, out16)
     x = a.view(BF16).astype(np.float64)
     for e in active:
@@ -79,9 +120,11 @@ def test_grouped_gemm_matches_float64(route, E, N, K, R, groups, most, seed):
     assert np.all(np.isnan(out32[P:]))                                        # rows past P: untouched
 
 
-def test_padding_constants():
-    assert PAD % TILE_N == 0 and TILE_N % 16 == 0
-    assert padded(1) == PAD and padded(PAD) == PAD and padded(PAD + 1) == 2 * PAD
+@given(st.integers(1, 1 << 20))
+def test_padding_is_the_least_whole_tiling(n):
+    # N padded: whole work items of TILE_N columns; K padded: whole 64-byte AMX tile rows (32 bf16)
+    p, tiling = padded(n), math.lcm(TILE_N, 32)
+    assert p % tiling == 0 and n <= p < n + tiling
 
 
 @pytest.mark.parametrize("route", RUNNABLE)

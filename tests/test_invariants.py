@@ -1,4 +1,4 @@
-"""The invariants of DESIGN.md section 8 that the seed log paid for, one named test each.
+"""The invariants of docs/design.md §8 that the seed log paid for, one named test each.
 
 Invariants 2 (tp = N == tp = 1), 8 (LoRA reaches every TP part) and 12 (quantization
 misconfiguration) belong to the tensor-parallel and quantized-format issues.
@@ -10,7 +10,8 @@ import pytest
 
 import nbmoe
 from nbmoe import reference
-from helpers import BF16, GRAD_NAMES, LORA_NAMES, Problem, assert_close, rel
+from nbmoe.reference import LORA_FIELDS
+from helpers import BF16, GRAD_NAMES, Problem, assert_close, rel
 
 pytestmark = pytest.mark.usefixtures("each_route")     # the whole suite, once per route
 
@@ -28,7 +29,7 @@ def test_invariant_1_buffers_have_the_contract_dtypes():
     y, grads = problem.run(max_tokens=7)
     assert y.dtype == BF16 and grads.input.dtype == BF16
     assert grads.topk_weights.dtype == np.float32
-    for name in LORA_NAMES:
+    for name in LORA_FIELDS:
         assert getattr(grads, name).dtype == np.float32
     # every element was written: a half-filled buffer would not match the reference
     assert_close(problem, y, grads)
@@ -165,7 +166,7 @@ def test_invariant_11_in_place_lora_updates_are_seen_without_a_sync():
     problem = Problem(seed=11, E=4, k=2, H=48, I=32, r=4, T=8)
     layer = problem.layer(max_tokens=8)
     y_before = layer.forward(problem.x, problem.topk_ids, problem.topk_weights)
-    for name in LORA_NAMES:
+    for name in LORA_FIELDS:
         arr = getattr(problem.lora, name)
         arr *= np.float32(0.5)                  # an optimizer step, in place
         arr += np.float32(0.01)

@@ -3,18 +3,24 @@
 import json
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from numba import typeof
 
 import nbmoe
 from nbmoe.kernels import isa
+from nbmoe.kernels.gemm import PackedMatrix
 
 SCRIPTS = pathlib.Path(__file__).parent / "scripts"
 NONE = {f: False for f in isa.REPORTED_FEATURES}
 ALL = {f: True for f in isa.REPORTED_FEATURES}
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+needs_x86_64 = pytest.mark.skipif(not X86_64, reason="LLVM emits the x86 routes' assembly only for "
+                                                      f"x86-64 targets; this host is {platform.machine()}")
 
 
 def test_best_implemented_route_is_chosen(monkeypatch):
@@ -42,23 +48,48 @@ def test_environment_override(monkeypatch):
 
 
 def test_amx_route_needs_kernel_permission(monkeypatch):
+    monkeypatch.delenv("NBMOE_ISA", raising=False)
     monkeypatch.setattr(isa, "_AMX_REFUSED", ["errno 22"])
     with pytest.raises(RuntimeError, match=r"route 'amx': the kernel refused AMX tile state .*errno 22"):
-        isa.Route("amx", "")
+        isa.choose_route("amx", ALL)
     assert isa.choose_route(features=ALL).name == "avx512_bf16"      # the next best, no crash
     assert "amx" not in isa.runnable(ALL)
 
 
+def test_a_route_the_host_cannot_run_is_an_error_before_any_kernel(monkeypatch):
+    # an AMX host without tile permission (simulated), or a host without AMX at all:
+    # the launcher refuses; nothing reaches a tile instruction (which would be SIGILL)
+    monkeypatch.setattr(isa, "_AMX_REFUSED", ["errno 22"])
+    packed = PackedMatrix(np.zeros((16, 32), np.uint16))
+    with pytest.raises(RuntimeError, match=r"route 'amx': (this CPU lacks amx|the kernel refused AMX tile state)"):
+        packed.matmul(isa.Route("amx", ""), np.zeros((4, 32), np.uint16))
+
+
+def test_deny_amx_switch_runs_as_a_host_without_amx():
+    # NBMOE_DENY_AMX=1 refuses tile state without asking Linux: on an AMX host the whole
+    # suite then runs as on one without (``NBMOE_DENY_AMX=1 python -m pytest``)
+    code = ("import json; from nbmoe.kernels import isa; "
+            "print(json.dumps([isa.enable_amx(), isa._AMX_REFUSED[0], isa.runnable(dict.fromkeys(isa.REPORTED_FEATURES, True))]))")
+    env = dict(os.environ, NBMOE_DENY_AMX="1")
+    env.pop("NBMOE_ISA", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    granted, why, routes = json.loads(done.stdout)
+    assert not granted and why == "denied by NBMOE_DENY_AMX" and routes[0] == "avx512_bf16"
+
+
 def test_each_route_is_its_own_numba_type():
+    # any route is a value and a Numba type on any host: identity needs no permission
     generic = typeof(isa.Route("generic", ""))
     assert generic == typeof(isa.Route("generic", "other reason"))
-    assert generic != typeof(isa.Route("amx", ""))
+    assert generic != typeof(isa.Route("amx", "")) != typeof(isa.Route("avx512_bf16", ""))
 
 
 def test_info_reports_features_route_and_threads():
     about = nbmoe.info()
     assert set(about["features"]) == set(isa.REPORTED_FEATURES)
-    assert about["route"] == isa.runnable()[0] and about["route_reason"]
+    assert about["route"] == isa.choose_route().name and about["route_reason"]
+    assert about["routes_runnable"] == isa.runnable()
     assert about["threading_layer"] in ("omp", "tbb", "workqueue") and about["threads"] >= 1
 
 
@@ -70,24 +101,34 @@ def _route_asm(cpu, *routes):
     return json.loads(done.stdout)
 
 
-def test_every_route_compiles_to_its_instructions():
+@pytest.mark.slow
+@needs_x86_64
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4_awq", "int4_k2"])
+def test_every_route_compiles_to_its_instructions(fmt):
     # compiled for a CPU that has them all, whatever this host has; nothing runs
-    asm = _route_asm("sapphirerapids", *isa.ROUTES)
-    assert asm["generic"]["vfmadd"] and asm["avx512"]["zmm"]
-    assert asm["avx512_bf16"]["vdpbf16ps"] >= 16                     # the 8 x 2 register tile
-    amx = asm["amx"]
+    asm = _route_asm("sapphirerapids", *(f"{route}/{fmt}" for route in isa.ROUTES))
+    assert asm[f"generic/{fmt}"]["vfmadd"] and asm[f"avx512/{fmt}"]["zmm"]
+    assert asm[f"avx512_bf16/{fmt}"]["vdpbf16ps"] >= 16                # the 8 x 2 register tile
+    amx = asm[f"amx/{fmt}"]
     assert amx["ldtilecfg"] and amx["tileloadd"] and amx["tdpbf16ps"] >= 4
 
 
+@pytest.mark.slow
+@needs_x86_64
 def test_avx512_bf16_compiles_for_zen4():
-    assert _route_asm("znver4", "avx512_bf16")["avx512_bf16"]["vdpbf16ps"] >= 16
+    asm = _route_asm("znver4", "avx512_bf16/bf16", "avx512_bf16/int4_k2")
+    assert asm["avx512_bf16/bf16"]["vdpbf16ps"] >= 16 and asm["avx512_bf16/int4_k2"]["vdpbf16ps"] >= 16
 
 
+@pytest.mark.slow
+@needs_x86_64
 def test_generic_route_needs_no_avx512():
-    generic = _route_asm("x86-64-v3", "generic")["generic"]
+    generic = _route_asm("x86-64-v3", "generic/bf16")["generic/bf16"]
     assert generic["vfmadd"] and generic["ymm"] and not generic["zmm"]
 
 
+@pytest.mark.slow
+@needs_x86_64
 def test_generic_route_runs_when_compiled_for_avx2():
     # x86-64-v3 (AVX2 + FMA) is a subset of every host that runs this suite's fast routes
     env = dict(os.environ, NUMBA_CPU_NAME="x86-64-v3", NUMBA_CPU_FEATURES="", NBMOE_ISA="generic")

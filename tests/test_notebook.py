@@ -4,9 +4,11 @@ import os
 import pathlib
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 
+@pytest.mark.slow
 def test_kernels_notebook_runs():
     path = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "kernels.ipynb"
     notebook = nbformat.read(path, as_version=4)

@@ -1,4 +1,9 @@
-"""The oracle itself: exact bf16 rounding, and gradients equal to finite differences."""
+"""The oracle itself: exact bf16 rounding, gradients equal to finite differences, and no
+dependence on the code it checks."""
+
+import ast
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -7,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbmoe import reference
-from helpers import LORA_NAMES, Problem
+from nbmoe.reference import LORA_FIELDS
+from helpers import Problem
 
 
 with np.errstate(invalid="ignore"):       # the NaN patterns
@@ -57,7 +63,7 @@ def test_reference_gradients_match_finite_differences(seed):
     problem.topk_ids[0, 1] = problem.topk_ids[0, 0]                       # a duplicate
     for name in ("x", "gate", "up", "down"):
         setattr(problem, name, getattr(problem, name).astype(np.float64))
-    for name in LORA_NAMES:
+    for name in LORA_FIELDS:
         setattr(problem.lora, name, getattr(problem.lora, name).astype(np.float64))
     problem.topk_weights = problem.topk_weights.astype(np.float64)
     _, saved = reference.forward(problem.x, problem.topk_ids, problem.topk_weights, problem.gate,
@@ -65,7 +71,7 @@ def test_reference_gradients_match_finite_differences(seed):
     grads = reference.backward(saved, problem.grad_y)
     rng = np.random.default_rng(seed)
     targets = {"input": (problem, "x"), "topk_weights": (problem, "topk_weights")}
-    targets.update({n: (problem.lora, n) for n in LORA_NAMES})
+    targets.update({n: (problem.lora, n) for n in LORA_FIELDS})
     eps = 1e-6
     for grad_name, (owner, attr) in targets.items():
         base = getattr(owner, attr)
@@ -82,3 +88,22 @@ def test_reference_gradients_match_finite_differences(seed):
             if grad_name == "topk_weights" and problem.topk_ids[index] < 0:
                 numeric = 0.0                       # a skipped slot's weight multiplies nothing
             assert abs(grads[grad_name][index] - numeric) < 1e-6 * max(1.0, abs(numeric)), (grad_name, index)
+
+
+def test_the_oracle_stands_alone():
+    # the file by itself, outside the package: NumPy only, none of the kernels it checks
+    script = """import importlib.util, sys
+import numpy as np
+spec = importlib.util.spec_from_file_location("oracle", sys.argv[1])
+oracle = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(oracle)
+y, _ = oracle.forward(np.ones((2, 4)), np.array([[0], [-1]]), np.ones((2, 1)), np.ones((1, 3, 4)),
+                      np.ones((1, 3, 4)), np.ones((1, 4, 3)))
+print(sorted(m for m in sys.modules if m.startswith("nbmoe")))
+print(y.tolist())"""
+    done = subprocess.run([sys.executable, "-c", script, reference.__file__], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    modules, y = done.stdout.splitlines()
+    h = reference.round_bf16(4.0 / (1 + np.exp(-4.0)) * 4.0)            # g = u = 4
+    assert modules == "[]" and ast.literal_eval(y) == [[float(reference.round_bf16(3 * h))] * 4, [0.0] * 4]

@@ -13,7 +13,8 @@ from transformers.integrations.moe import ExpertsInterface, use_experts_implemen
 import nbmoe
 import nbmoe.torch as nt
 from nbmoe import reference
-from helpers import BF16, rel
+from nbmoe.reference import LORA_FIELDS
+from helpers import rel
 
 pytestmark = pytest.mark.usefixtures("each_route")
 
@@ -74,20 +75,27 @@ def _loss_and_grads(model, ids):
 
 
 @pytest.mark.parametrize("config", [qwen3, mixtral])
-def test_lora_loss_and_gradients_match_eager_lora(config):
-    model, ids = build(config()), tokens(1)
-    with_lora(model)
-    loss, grads = _loss_and_grads(model, ids)
-    model.set_experts_implementation("nbmoe_reference")
-    ref_loss, ref_grads = _loss_and_grads(model, ids)
-    assert abs(loss - ref_loss) <= 0.05 * abs(ref_loss)
-    assert set(grads) == set(ref_grads)
+def test_lora_loss_and_gradients_as_close_as_eager_lora(config):
+    # nbmoe and the eager baseline (bf16, as transformers runs a bf16 model), each against
+    # the same model in float32; measured: nbmoe 0.01-0.02 from it where eager is 0.03-0.10
+    # (qwen3), both 0.03-0.15 (mixtral: the float32 model's routing differs a little)
+    runs = []
+    for implementation, dtype in (("nbmoe", torch.bfloat16), ("nbmoe_reference", torch.bfloat16),
+                                  ("nbmoe_reference", torch.float32)):
+        model = build(config())
+        with_lora(model)
+        model.to(dtype).set_experts_implementation(implementation)
+        runs.append(_loss_and_grads(model, tokens(1)))
+    (loss, grads), (_, eager_grads), (ref_loss, ref_grads) = runs
+    assert abs(loss - ref_loss) <= 0.005 * abs(ref_loss)
+    assert set(grads) == set(eager_grads) == set(ref_grads)
     lora = [n for n in grads if "lora" in n]
     router = [n for n in grads if n.endswith("mlp.gate.weight")]
     attention = [n for n in grads if "self_attn" in n and n.endswith("proj.weight")]
     assert len(lora) == 12 and len(router) == 2 and len(attention) == 8
     for name in lora + router + attention:
-        assert rel(grads[name], ref_grads[name].astype(np.float64)) <= 0.05, name
+        ref = ref_grads[name].astype(np.float64)
+        assert rel(grads[name], ref) <= 1.25 * rel(eager_grads[name], ref), name
 
 
 def test_adamw_lowers_the_loss():
@@ -212,16 +220,15 @@ def test_standalone_experts_module_matches_reference():
     y = experts(x, ids, w)
     grad_y = torch.from_numpy(rng.standard_normal((T, H)).astype(np.float32)).bfloat16()
     y.backward(grad_y)
-    lora = nbmoe.LoRAWeights(*[getattr(experts, n).detach().numpy() for n in nt.LORA_NAMES], alpha=8.0)
-    as_np = lambda t: t.detach().view(torch.int16).numpy().view(BF16)
-    y_ref, saved = reference.forward(as_np(x), ids.numpy(), w.detach().numpy(), as_np(gate_up[:, :I]),
-                                     as_np(gate_up[:, I:]), as_np(down), lora)
-    g_ref = reference.backward(saved, as_np(grad_y))
-    assert rel(y.detach().float().numpy(), y_ref) <= 0.01
-    assert rel(x.grad.float().numpy(), g_ref["input"]) <= 0.02
-    assert rel(w.grad.numpy(), g_ref["topk_weights"]) <= 0.02
-    for name, layer_name in zip(nt.LORA_NAMES, ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")):
-        assert rel(getattr(experts, name).grad.numpy(), g_ref[layer_name]) <= 0.02, name
+    lora = nbmoe.LoRAWeights(*[nt.to_numpy(getattr(experts, n)) for n in nt.LORA_NAMES], alpha=8.0)
+    y_ref, saved = reference.forward(nt.to_numpy(x), ids.numpy(), nt.to_numpy(w), nt.to_numpy(gate_up[:, :I]),
+                                     nt.to_numpy(gate_up[:, I:]), nt.to_numpy(down), lora)
+    g_ref = reference.backward(saved, nt.to_numpy(grad_y))
+    assert rel(nt.to_numpy(y), y_ref) <= 0.01
+    assert rel(nt.to_numpy(x.grad), g_ref["input"]) <= 0.02
+    assert rel(nt.to_numpy(w.grad), g_ref["topk_weights"]) <= 0.02
+    for name, field in zip(nt.LORA_NAMES, LORA_FIELDS):
+        assert rel(nt.to_numpy(getattr(experts, name).grad), g_ref[field]) <= 0.02, name
 
 
 def test_sentinel_ids_are_skipped_slots():

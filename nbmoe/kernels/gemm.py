@@ -1,4 +1,4 @@
-"""Grouped bf16 GEMM on packed weights, with the LoRA term fused into the epilogue.
+"""Grouped GEMM on stored (bf16 or quantized) weights, with the LoRA term fused into the epilogue.
 
 For every expert ``e`` and its rows ``offsets[e]:offsets[e+1]`` of the expert-ordered
 activations::
@@ -11,34 +11,59 @@ active slot. ``lora_l`` holds the LoRA down-projections of the rows (``x A^T``, 
 ``lora_r`` the per-slot up factors (``B^T``, ...); ``group_n`` lets one GEMM carry two
 adapters side by side (gate | up). ``R == 0`` means no LoRA.
 
-Layout (shared by every route)
-------------------------------
-``pack_vnni`` stores ``W [E, N, K]`` as ``[E, Np/16, Kp/2, 16]`` uint32: lane ``j`` of
-column block ``b`` at pair ``p`` holds ``(W[e, 16b+j, 2p], W[e, 16b+j, 2p+1])`` - the
-VNNI pair order of ``vdpbf16ps`` and AMX ``tdpbf16ps``. ``Np``, ``Kp`` are ``N``, ``K``
-rounded up to ``PAD``; pad weights are zero and activation pad columns must be zero
-too (0 * NaN would poison a sum). The backward GEMMs use packs of the transposed
-weights, so every product streams its weights contiguously.
+Layout (shared by every route and format)
+-----------------------------------------
+Each base weight ``W [E, N, K]`` is stored once (``PackedWeight``), in its format, as
+``codes [E, Np/16, Kp/2, 16]``: lane ``j`` of column block ``b`` at pair ``p`` holds the
+pair ``(W[e, 16b+j, 2p], W[e, 16b+j, 2p+1])`` - the VNNI pair order of ``vdpbf16ps``
+and AMX ``tdpbf16ps``:
+
+======== ============ ================================= ==============================
+format   codes        scales (per expert, group, col)   weight the kernels multiply by
+======== ============ ================================= ==============================
+bf16     uint32       (none)                            the bf16 pair itself
+int8     uint16       float32 [E, 1, Np]                bf16(q * s)
+int4_awq uint8        float32 [E, Kp/g, Np], zeros u8   bf16((q - z) * s)
+int4_k2  uint8        bf16 [E, Kp/g, Np]                bf16((q - 8) * s)
+======== ============ ================================= ==============================
+
+``Np``, ``Kp`` are ``N``, ``K`` rounded up to ``PAD``; pad codes and scales are zero, and
+activation pad columns must be zero too (0 * NaN would poison a sum).
+
+Panels. The forward product needs pairs along K - the stored order: bf16 is read in
+place, a quantized item first decodes its 32 columns over all of K (``vdequant``, 16
+lanes a step) into the thread's scratch. The backward product (by ``W^T``, output
+columns along K) needs pairs along N: each item decodes its 32 columns of ``W^T`` from
+the same codes, 16 x 16 blocks through ``vtranspose8``. Both directions therefore
+multiply by the same bf16 values, bit for bit, and nothing but the one stored copy
+lives between calls (like a BLAS packing B panels, per thread, in cache).
 
 Work split
 ----------
-A work item is (expert, 32-column tile); ``prange`` runs over the flat list, busiest
-experts first. The item walks its expert's rows a block at a time; each route's
-``_block`` keeps its accumulators in registers (vector or tile) over all of K, then
-runs the shared epilogue ``_finish_row``. Each output element is written by exactly one
-item, summed in a fixed order: results do not depend on the thread count.
+A work item is (expert, 32-column tile), busiest experts first. Its cost is the rows it
+multiplies plus ``PANEL_COST`` for streaming its 32 columns of weights; ``make_tasks``
+cuts the list into one contiguous run of about equal cost per thread (``balanced``), so
+a skewed router (a few experts taking most tokens) does not load one thread with every
+heavy expert. ``prange`` runs over the runs; each owns a row of the per-thread scratch
+(``thread_scratch``). The item walks its expert's rows a block at a time; each route's
+``_block`` keeps its accumulators in registers (vector or tile) over all of K, then runs
+the shared epilogue ``_finish_row``. Each output element is written by exactly one item,
+summed in a fixed order: results do not depend on the thread count or the cut.
 
 Routes slot in through ``_block`` and ``block_rows``: one ``@overload`` per route.
 """
 
+import numba
 import numpy as np
 from numba import njit, prange
+from numba import types
 from numba.extending import overload
 
 from ..config import JIT, JIT_PARALLEL
 from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdpbf16
-from .simd import (LANES, f32_from_bits, vfma, vfma2, vload, vpair_hi, vpair_lo, vsplat, vsplat_pair, vstore,
-                   vstore_bf16, vzero)
+from .schedule import balanced
+from .simd import (LANES, f32_from_bits, vdequant, vfma, vfma2, vload, vload_bf16, vload_u8, vpair_hi, vpair_lo,
+                   vsplat, vsplat_pair, vsplat_u32, vstore, vstore_bf16, vtranspose8, vzero)
 
 PAD = 32          # N and K padding: two vectors of output, one AMX tile of K
 TILE_N = 32       # output columns per work item (two 16-lane vectors, two AMX tiles)
@@ -46,26 +71,14 @@ MR = 4            # rows per block: generic / avx512
 MR_BF16 = 8       # rows per block: avx512_bf16
 MR_AMX = 32       # rows per block: amx (two 16-row tiles)
 ROW_SLACK = MR_AMX  # rows every A operand has past its last pair: a block reads whole tiles
+# An item's fixed cost in rows: streaming a 32-column panel of weights takes as long as
+# about 16 rows of products on it (2-thread Zen 4: 35 GB/s read, 460 GFLOP/s vdpbf16ps;
+# 32 x K bf16 = 64K bytes at 17 GB/s a thread vs 64K FLOP a row at 230 GFLOP/s).
+PANEL_COST = 16
 
 
 def padded(n):
     return -(-n // PAD) * PAD
-
-
-@njit(**JIT_PARALLEL)
-def pack_vnni(w, out, block0, pair0):
-    """Pack ``w [E, N, K]`` (uint16 bf16 bits, any strides) into ``out`` at column block
-    ``block0`` and K-pair ``pair0``: ``out [E, >=block0 + N/16, >=pair0 + K/2, 16]`` uint32,
-    zero-initialised by the caller (pads stay zero)."""
-    E, N, K = w.shape
-    for e in prange(E):
-        for n in range(N):
-            b = block0 + n // LANES
-            j = n % LANES
-            for k in range(0, K - 1, 2):
-                out[e, b, pair0 + k // 2, j] = np.uint32(w[e, n, k]) | (np.uint32(w[e, n, k + 1]) << np.uint32(16))
-            if K % 2:
-                out[e, b, pair0 + K // 2, j] = np.uint32(w[e, n, K - 1])
 
 
 @njit(**JIT)
@@ -98,10 +111,11 @@ def _block_rows(route):
     return lambda route: rows
 
 
-def _block(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+def _block(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch):
     """Rows ``m .. m + block_rows(route) - 1`` (those ``<= last``) of ``a`` (uint32 bf16 pairs)
     times the two 16-column blocks of packed weights at flat offset ``w0``, through
-    ``_finish_row``. Rows past ``last`` may be read (``ROW_SLACK``), never written."""
+    ``_finish_row``. Rows past ``last`` may be read (``ROW_SLACK``), never written.
+    ``scratch`` [SCRATCH] float32 is the calling thread's own."""
 
 
 @njit(**JIT)
@@ -155,14 +169,14 @@ def _tail_rows(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale
 
 
 @overload(_block, jit_options=JIT)
-def _block_fma(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+def _block_fma(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch):
     """generic / avx512: widen each weight pair to two fp32 vectors once per step, 2 FMAs
     per row; 4 rows x 32 columns = 8 accumulators (fits 16 registers of any vector ISA).
     Fewer rows than a block go to ``_tail_rows``."""
     if route.route not in ("generic", "avx512"):
         return None
 
-    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch):
         w1 = w0 + k2 * LANES
         if last - m + 1 < MR:
             _tail_rows(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16)
@@ -189,14 +203,14 @@ def _dp2(x, b0, b1, c0, c1):
 
 
 @overload(_block, jit_options=JIT)
-def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch):
     """avx512_bf16: one ``vdpbf16ps`` per row and 16 columns per K pair, the row's pair
     broadcast; 8 rows x 32 columns = 16 accumulators of the 32 zmm registers. Fewer rows
     than a block go to ``_tail_rows``."""
     if route.route != "avx512_bf16":
         return None
 
-    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch):
         if last - m + 1 < MR_BF16:
             _tail_rows(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16)
             return
@@ -224,19 +238,18 @@ def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scal
 
 
 @overload(_block, jit_options=JIT)
-def _block_amx(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+def _block_amx(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch):
     """amx: 2 x 2 tiles of 16 x 16 fp32 (32 rows x 32 columns) over K in steps of 32:
     per step 2 A tiles (16 rows x 32 bf16) and 2 B tiles (16 pairs x 16 columns: 1 KiB
     contiguous in the packed layout), 4 ``tdpbf16ps``; 8 tile registers. A block of at
-    most 16 rows uses one row of tiles. The fp32 result goes through a 4 KiB scratch to
-    the shared epilogue."""
+    most 16 rows uses one row of tiles. The fp32 result goes through the thread's 4 KiB
+    scratch to the shared epilogue."""
     if route.route != "amx":
         return None
 
-    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch):
         ld = a.shape[1]
         w1 = w0 + k2 * LANES
-        scratch = np.empty(MR_AMX * TILE_N, np.float32)         # this block's own
         c00, c01 = tile_zero(), tile_zero()
         if last - m < 16:
             for p in range(0, k2, 16):
@@ -265,8 +278,9 @@ def _block_amx(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale
 
 
 @njit(**JIT)
-def make_tasks(offsets, slot_of_expert, n_tiles):
-    """Work items (expert, tile) for the active experts, busiest experts first."""
+def make_tasks(offsets, slot_of_expert, n_tiles, n_chunks):
+    """Work items ``tasks [n, 2]`` = (expert, tile) for the active experts, busiest first,
+    and ``bounds [n_chunks + 1]``: ``balanced`` runs of rows + ``PANEL_COST`` each."""
     E = offsets.shape[0] - 1
     counts = offsets[1:] - offsets[:E]
     experts = np.argsort(-counts, kind="mergesort")
@@ -274,37 +288,222 @@ def make_tasks(offsets, slot_of_expert, n_tiles):
     for e in range(E):
         n_active += slot_of_expert[e] >= 0
     tasks = np.empty((n_active * n_tiles, 2), np.int64)
+    cost = np.empty(n_active * n_tiles, np.int64)
     i = 0
     for e in experts[:n_active]:
         for tile in range(n_tiles):
             tasks[i, 0] = e
             tasks[i, 1] = tile
+            cost[i] = counts[e] + PANEL_COST
             i += 1
-    return tasks
+    return tasks, balanced(cost, n_chunks)
+
+
+def _decode(codes, at, scales, zeros, sc):
+    """The 16 bf16 pairs of ``codes.flat[at:at+16]`` as a ``u32x16``; their scales (and zero
+    points) at ``scales.flat[sc:sc+16]`` (format: module docstring)."""
+
+
+@overload(_decode, jit_options=JIT)
+def _decode_format(codes, at, scales, zeros, sc):
+    if codes.dtype == types.uint32:
+        return lambda codes, at, scales, zeros, sc: vload(codes, at)
+    if codes.dtype == types.uint16:
+        return lambda codes, at, scales, zeros, sc: vdequant(codes, at, vsplat_u32(0), vload(scales, sc))
+    if scales.dtype == types.float32:
+        return lambda codes, at, scales, zeros, sc: vdequant(codes, at, vload_u8(zeros, sc), vload(scales, sc))
+    return lambda codes, at, scales, zeros, sc: vdequant(codes, at, vsplat_u32(8), vload_bf16(scales, sc))
+
+
+def _forward_panel(codes, flat, scales, zeros, group_pairs, e, nb0, panel):
+    """(array, offset) of the two 16-column blocks ``nb0, nb0 + 1`` of expert ``e`` in
+    VNNI order over all of K: the stored codes themselves for bf16, else ``panel``
+    [2 * Kp/2 * 16] uint32 filled by decoding them."""
+
+
+@overload(_forward_panel, jit_options=JIT)
+def _forward_panel_format(codes, flat, scales, zeros, group_pairs, e, nb0, panel):
+    if codes.dtype == types.uint32:
+        return lambda codes, flat, scales, zeros, group_pairs, e, nb0, panel: \
+            (flat, (e * codes.shape[1] + nb0) * codes.shape[2] * LANES)
+
+    def impl(codes, flat, scales, zeros, group_pairs, e, nb0, panel):
+        NB, KP2 = codes.shape[1], codes.shape[2]
+        G, Np = scales.shape[1], scales.shape[2]
+        for b in range(2):
+            at = (e * NB + nb0 + b) * KP2 * LANES
+            for p in range(KP2):
+                sc = (e * G + p // group_pairs) * Np + (nb0 + b) * LANES
+                vstore(panel, (b * KP2 + p) * LANES, _decode(flat, at + p * LANES, scales, zeros, sc))
+        return panel, 0
+    return impl
+
+
+def _pairs8(codes, flat, scales, zeros, group_pairs, e, nb, p, tmp):
+    """(array, offset) of the 8 vectors of pairs ``p .. p + 7`` of block ``nb``: in place
+    for bf16, else decoded into ``tmp`` [128] uint32."""
+
+
+@overload(_pairs8, jit_options=JIT)
+def _pairs8_format(codes, flat, scales, zeros, group_pairs, e, nb, p, tmp):
+    if codes.dtype == types.uint32:
+        return lambda codes, flat, scales, zeros, group_pairs, e, nb, p, tmp: \
+            (flat, ((e * codes.shape[1] + nb) * codes.shape[2] + p) * LANES)
+
+    def impl(codes, flat, scales, zeros, group_pairs, e, nb, p, tmp):
+        G, Np = scales.shape[1], scales.shape[2]
+        at = ((e * codes.shape[1] + nb) * codes.shape[2] + p) * LANES
+        sc = (e * G + p // group_pairs) * Np + nb * LANES          # 8 pairs lie in one group
+        for i in range(8):
+            vstore(tmp, i * LANES, _decode(flat, at + i * LANES, scales, zeros, sc))
+        return tmp, 0
+    return impl
+
+
+@njit(**JIT)
+def _backward_panel(codes, flat, scales, zeros, group_pairs, e, p0, panel, tmp):
+    """``panel`` [2 * Np/2 * 16] uint32 := the VNNI layout of ``W[e]^T`` for the 32 output
+    columns ``2 p0 .. 2 p0 + 31``: block b, pair q, lane j holds ``(W[2q, 2 p0 + 16 b + j],
+    W[2q + 1, ...])``, each 16 x 16 block turned by ``vtranspose8``."""
+    NB = codes.shape[1]
+    q_pairs = NB * 8
+    for nb in range(NB):
+        for b in range(2):
+            src, at = _pairs8(codes, flat, scales, zeros, group_pairs, e, nb, p0 + 8 * b, tmp)
+            vtranspose8(src, at, panel, (b * q_pairs + 8 * nb) * LANES)
+
+
+SCRATCH = MR_AMX * TILE_N          # words of a thread's AMX block results (float32)
+TMP = 8 * LANES                    # words of 8 decoded vectors
+_SCRATCH = [np.zeros((0, 0), np.uint32)]
+
+
+def thread_scratch(words):
+    """[threads, >= words] uint32, one row per ``prange`` run (Numba's thread count now),
+    grown on demand and reused by every call: no allocation inside the kernels."""
+    threads = numba.get_num_threads()
+    rows, have = _SCRATCH[0].shape
+    if rows < threads or have < words:
+        _SCRATCH[0] = np.zeros((max(rows, threads), max(have, words)), np.uint32)
+    return _SCRATCH[0][:threads]
 
 
 @njit(**JIT_PARALLEL)
-def grouped_gemm(route, a, w, offsets, slot_of_expert, tasks, lora_l, lora_r, group_n, scale, out32, out16):
-    """The grouped GEMM of the module docstring.
-
-    a [>=P, Kp/2] uint32 (bf16 pairs, expert order); w [E, Np/16, Kp/2, 16] uint32;
-    offsets [E+1]; slot_of_expert [E]; tasks [n, 2] from ``make_tasks``;
-    lora_l [>=P, G*R] float32; lora_r [S, R, Np] float32; out32 [>=P, Np] float32 or
-    empty; out16 [>=P, Np] uint16 or empty.
-    """
-    k2 = w.shape[2]
-    block_stride = k2 * LANES
-    expert_stride = w.shape[1] * block_stride
+def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed, offsets, slot_of_expert, tasks,
+                  bounds, lora_l, lora_r, group_n, scale, out32, out16, scratch):
+    k2 = codes.shape[1] * 8 if transposed else codes.shape[2]
     R = lora_r.shape[1]
-    for i in prange(tasks.shape[0]):
-        e = tasks[i, 0]
-        n0 = tasks[i, 1] * TILE_N
-        slot = slot_of_expert[e]
-        l0 = (n0 // group_n) * R
-        w0 = e * expert_stride + (n0 // LANES) * block_stride
-        last = offsets[e + 1] - 1
-        for m in range(offsets[e], last + 1, block_rows(route)):
-            _block(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16)
+    for c in prange(bounds.shape[0] - 1):
+        own = scratch[c]                                    # this run's scratch: no sharing
+        results = own[:SCRATCH].view(np.float32)
+        tmp = own[SCRATCH:SCRATCH + TMP]
+        panel = own[SCRATCH + TMP:SCRATCH + TMP + 2 * k2 * LANES]
+        for i in range(bounds[c], bounds[c + 1]):
+            e = tasks[i, 0]
+            n0 = tasks[i, 1] * TILE_N
+            slot = slot_of_expert[e]
+            l0 = (n0 // group_n) * R
+            last = offsets[e + 1] - 1
+            if transposed:
+                _backward_panel(codes, flat, scales, zeros, group_pairs, e, n0 // 2, panel, tmp)
+                src, w0 = panel, 0
+            else:
+                src, w0 = _forward_panel(codes, flat, scales, zeros, group_pairs, e, n0 // LANES, panel)
+            for m in range(offsets[e], last + 1, block_rows(route)):
+                _block(route, a, m, last, src, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, results)
+
+
+def grouped_gemm(route, a, w, offsets, slot_of_expert, lora_l, lora_r, group_n, scale, out32, out16,
+                 transposed=False):
+    """The grouped GEMM of the module docstring, on every thread, balanced by cost.
+
+    a [>=P + ROW_SLACK, Kp/2] uint32 (bf16 pairs, expert order); w: the ``PackedWeight``
+    of ``W [E, N, K]``; offsets [E+1] int64; slot_of_expert [E] int64; lora_l [>=P, G*R]
+    float32; lora_r [S, R, Np] float32; group_n: columns per LoRA group; out32 [>=P, Np]
+    float32 or empty; out16 [>=P, Np] uint16 or empty. With ``transposed`` the product
+    is by ``W^T`` from the same codes: ``a`` [.., Np/2], outputs ``Kp`` columns wide.
+    """
+    route.require()
+    NB, KP2 = w.codes.shape[1], w.codes.shape[2]
+    k2, out_cols = (NB * 8, 2 * KP2) if transposed else (KP2, NB * LANES)
+    scratch = thread_scratch(SCRATCH + TMP + 2 * k2 * LANES)
+    tasks, bounds = make_tasks(offsets, slot_of_expert, out_cols // TILE_N, scratch.shape[0])
+    _grouped_gemm(route, a, w.codes, w.codes.reshape(-1), w.scales, w.zeros, w.group_pairs, transposed, offsets,
+                  slot_of_expert, tasks, bounds, lora_l, lora_r, group_n, scale, out32, out16, scratch)
+
+
+@njit(**JIT_PARALLEL)
+def pack_pairs(src, out, block0):
+    """out[block0 + n // 16, p, n % 16] = src[n, p]: one expert's pairs (bf16 pairs uint32,
+    int8 pairs uint16, nibble pairs uint8) ``src [N, Kp/2]`` into ``out [>=block0 + N/16,
+    Kp/2, 16]``, zero-initialised by the caller (pads stay zero)."""
+    N, KP2 = src.shape
+    for b in prange((N + LANES - 1) // LANES):
+        for p in range(KP2):
+            for j in range(min(LANES, N - b * LANES)):
+                out[block0 + b, p, j] = src[b * LANES + j, p]
+
+
+_CODE_DTYPE = {"bf16": np.uint32, "int8": np.uint16, "int4_awq": np.uint8, "int4_k2": np.uint8}
+_NO_SCALES = np.zeros((0, 1, 1), np.float32)
+_NO_ZEROS = np.zeros((0, 1, 1), np.uint8)
+
+
+class PackedWeight:
+    """One stored copy of ``W [E, N, K]`` - or of several weights stacked along N, each
+    padded to ``PAD`` (gate | up) - in its format, in the layout of the module docstring.
+
+    ``parts``: uint16 arrays (bf16 bits) [E, N_i, K] for ``"bf16"``, else
+    ``nbmoe.QuantizedWeight`` objects of format ``fmt``, all with the same E and K (int4:
+    K a multiple of ``PAD``, so groups never straddle a padded column). Packs one expert
+    at a time: no float32 or whole-weight temporary.
+    """
+
+    def __init__(self, parts, fmt):
+        E, _, K = parts[0].shape
+        Kp = padded(K)
+        heights = [padded(p.shape[1]) for p in parts]
+        Np = sum(heights)
+        self.format = fmt
+        self.codes = np.zeros((E, Np // LANES, Kp // 2, LANES), _CODE_DTYPE[fmt])
+        self.scales, self.zeros, self.group_pairs = _NO_SCALES, _NO_ZEROS, Kp // 2
+        if fmt == "int8":
+            self.scales = np.zeros((E, 1, Np), np.float32)
+        elif fmt != "bf16":
+            g = parts[0].group_size
+            self.group_pairs = g // 2
+            self.scales = np.zeros((E, Kp // g, Np), np.float32 if fmt == "int4_awq" else np.uint16)
+            if fmt == "int4_awq":
+                self.zeros = np.zeros((E, Kp // g, Np), np.uint8)
+        buf = np.zeros((max(p.shape[1] for p in parts), Kp), np.uint16 if fmt == "bf16" else np.uint8)
+        col = 0
+        for part, height in zip(parts, heights):
+            N = part.shape[1]
+            for e in range(E):
+                pack_pairs(self._pairs(part, e, buf[:N]), self.codes[e], col // LANES)
+                if fmt == "int8":
+                    self.scales[e, 0, col:col + N] = part.scales[e]
+                elif fmt != "bf16":
+                    self.scales[e, :, col:col + N] = np.asarray(part.scales[e]).view(self.scales.dtype).T
+                    if fmt == "int4_awq":
+                        self.zeros[e, :, col:col + N] = part.zeros[e].T
+            col += height
+
+    def _pairs(self, part, e, buf):
+        """Expert ``e`` of ``part`` as pairs [N, Kp/2] along K (bf16 and int8 through ``buf``
+        [N, Kp], zero padded; int4 codes are already nibble pairs, K == Kp)."""
+        K = part.shape[2]
+        if self.format == "bf16":
+            buf[:, :K] = part[e]
+            return buf.view(np.uint32)
+        if self.format == "int8":
+            buf.view(np.int8)[:, :K] = part.codes[e]
+            return buf.view(np.uint16)
+        return part.codes[e]
+
+    @property
+    def nbytes(self):
+        return self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes
 
 
 class PackedMatrix:
@@ -318,8 +517,7 @@ class PackedMatrix:
     def __init__(self, w):
         N, K = w.shape
         self.shape = (N, K)
-        self.packed = np.zeros((1, padded(N) // LANES, padded(K) // 2, LANES), np.uint32)
-        pack_vnni(w.reshape(1, N, K), self.packed, 0, 0)
+        self.packed = PackedWeight([w.reshape(1, N, K)], "bf16")
         self._operand = np.zeros((0, padded(K)), np.uint16)
         self._no_lora = np.zeros((1, 0, padded(N)), np.float32)
 
@@ -335,7 +533,6 @@ class PackedMatrix:
         offsets = np.array([0, M], np.int64)
         slot = np.zeros(1, np.int64)
         lora_l = np.zeros((M, 0), np.float32)
-        grouped_gemm(route, self._operand.view(np.uint32), self.packed, offsets, slot,
-                     make_tasks(offsets, slot, padded(N) // TILE_N), lora_l, self._no_lora, padded(N),
-                     np.float32(0), out, np.zeros((0, 0), np.uint16))
+        grouped_gemm(route, self._operand.view(np.uint32), self.packed, offsets, slot, lora_l, self._no_lora,
+                     padded(N), np.float32(0), out, np.zeros((0, 0), np.uint16))
         return out[:, :N]

@@ -15,10 +15,14 @@ generic     the same portable vector IR, any CPU Numba targets (none)
 ``NBMOE_ISA`` (or ``MoELayer(route=...)``) overrides the choice; naming a route the CPU
 lacks is a ``RuntimeError`` that says what is missing, never a crash.
 
-Kernels take the ``Route`` as their first argument. Numba types it as
-``RouteType(name)``, so each route compiles (and caches) its own specialisation and a
-route the host lacks is never compiled for it (tests compile those for another CPU in a
-subprocess and read the assembly).
+A ``Route`` is an identity, apart from the permission to run it. Kernels take it as
+their first argument; Numba types it as ``RouteType(name)``, so each route compiles (and
+caches) its own specialisation, and any route can be named, typed and compiled on any
+host (tests compile the routes a host lacks for another CPU in a subprocess and read the
+assembly). Running is gated: every launcher calls ``route.require()`` first, which
+checks the CPU features and, for ``amx``, asks Linux for tile state - the only place that
+asks. ``NBMOE_DENY_AMX=1`` makes that request fail as a kernel without AMX support would:
+it runs a whole test suite on an AMX host as on one without.
 
 Intrinsics (llvmlite has no ``bfloat`` or ``x86_amx`` type: ``_Named`` prints one):
 
@@ -61,8 +65,7 @@ REPORTED_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512bf16", "amx-ti
 class Route:
     """A kernel route, passed to every kernel launcher; see the module docstring.
 
-    An ``amx`` route exists only in a process the kernel granted AMX state: without it
-    the first tile instruction is SIGILL, so the constructor asks, or raises.
+    Constructing one needs nothing of the host; ``require`` is the gate to running it.
     """
 
     __slots__ = ("name", "reason")
@@ -70,14 +73,22 @@ class Route:
     def __init__(self, name, reason):
         if name not in ROUTES:
             raise RuntimeError(f"route {name!r}: expected one of {ROUTES}")
-        if name == "amx" and not enable_amx():
-            raise RuntimeError(f"route 'amx': the kernel refused AMX tile state "
-                               f"(arch_prctl ARCH_REQ_XCOMP_PERM): {_AMX_REFUSED[0]}")
         self.name = name
         self.reason = reason
 
     def __repr__(self):
         return f"Route({self.name!r})"
+
+    def require(self):
+        """Raise ``RuntimeError`` unless this host can run the route now. For ``amx`` this
+        asks Linux for tile state (once per process): without it the first tile
+        instruction is SIGILL."""
+        missing = _missing(self.name, host_features())
+        if missing:
+            raise RuntimeError(f"route {self.name!r}: this CPU lacks {', '.join(missing)}; "
+                               f"routes it can run: {runnable()}")
+        if self.name == "amx":
+            _require_amx_state()
 
 
 class RouteType(types.Type):
@@ -99,10 +110,15 @@ def _unbox_route(typ, obj, c):
     return NativeValue(c.context.get_dummy_value())
 
 
+_HOST_FEATURES = []
+
+
 def host_features():
-    """``{llvm_feature_name: bool}`` for the features that decide a route."""
-    flags = llvm.get_host_cpu_features()
-    return {name: bool(flags.get(name, False)) for name in REPORTED_FEATURES}
+    """``{llvm_feature_name: bool}`` for the features that decide a route (read once)."""
+    if not _HOST_FEATURES:
+        flags = llvm.get_host_cpu_features()
+        _HOST_FEATURES.append({name: bool(flags.get(name, False)) for name in REPORTED_FEATURES})
+    return dict(_HOST_FEATURES[0])
 
 
 def host_cpu_name():
@@ -129,11 +145,10 @@ def choose_route(requested=None, features=None):
         if missing:
             raise RuntimeError(f"{label}={requested!r}: this CPU lacks {', '.join(missing)}; "
                                f"routes it can run: {runnable(features)}")
+        if requested == "amx":
+            _require_amx_state()
         return Route(requested, f"requested by {label}")
-    for name in ROUTES:
-        if not _missing(name, features) and (name != "amx" or enable_amx()):
-            return Route(name, "best route this CPU supports")
-    raise AssertionError("the generic route needs no feature")
+    return Route(runnable(features)[0], "best route this CPU supports")
 
 
 def runnable(features=None):
@@ -158,15 +173,26 @@ _AMX_REFUSED = [None]
 
 
 def enable_amx():
-    """Ask Linux once for AMX tile state for this process; True if granted (or not needed)."""
+    """Ask Linux once for AMX tile state for this process; True if granted (or not needed:
+    another x86-64 OS). ``NBMOE_DENY_AMX=1`` refuses without asking."""
     if _AMX_REFUSED[0] is None:
         _AMX_REFUSED[0] = ""
-        if platform.system() == "Linux":
+        if os.environ.get("NBMOE_DENY_AMX", "") not in ("", "0"):
+            _AMX_REFUSED[0] = "denied by NBMOE_DENY_AMX"
+        elif platform.machine().lower() not in ("x86_64", "amd64"):
+            _AMX_REFUSED[0] = f"AMX is x86-64 only, this is {platform.machine()}"
+        elif platform.system() == "Linux":
             arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.syscall(arch_prctl, req_xcomp_perm, xtiledata) != 0:
                 _AMX_REFUSED[0] = f"errno {ctypes.get_errno()}"
     return _AMX_REFUSED[0] == ""
+
+
+def _require_amx_state():
+    if not enable_amx():
+        raise RuntimeError(f"route 'amx': the kernel refused AMX tile state "
+                           f"(arch_prctl ARCH_REQ_XCOMP_PERM): {_AMX_REFUSED[0]}")
 
 
 class _Named(ir.Type):

@@ -22,15 +22,17 @@ is seen by the next call. ``store`` is its mirror for the gradients.
 
 Both products are register-blocked like the GEMM: ``project`` keeps 4 rows x 2 ranks of
 16-lane partial sums over k (summed across lanes at the end), ``outer`` keeps 4 ranks x
-32 columns over the expert's rows. Work items are (expert, 4 rows) and (slot, 32
-columns, 4 ranks); each output element belongs to one item and is summed in a fixed
-order, so results do not depend on the thread count.
+32 columns over the expert's rows. Work items are (expert, 4 rows), all of one cost, and
+(slot, 32 columns, 4 ranks), whose cost is the expert's rows: ``outer`` runs them in
+``schedule.balanced`` runs, one per thread. Each output element belongs to one item and
+is summed in a fixed order, so results do not depend on the thread count.
 """
 
 import numpy as np
 from numba import njit, prange
 
 from ..config import JIT, JIT_PARALLEL
+from .schedule import balanced
 from .simd import LANES, as_f32, vfma2, vhsum, vload, vload_f32, vsplat, vstore, vzero
 
 MR = 4            # rows (project) or ranks (outer) per tile
@@ -134,35 +136,51 @@ def _store_sums(out, row, col, c0, c1, both):
 
 
 @njit(**JIT_PARALLEL)
-def outer(v, m, offsets, active, n_active, group, acc):
+def outer(v, m, offsets, active, n_active, group, acc, runs):
     """acc[s, q, n] = sum over rows r of expert active[s] of v[r, (n // group)*R + q] * M[r, n].
 
     v [>=P, G*R] float32; m [>=P, W] float32 or uint16 (bf16 bits); acc [S, R, W]
-    float32; W a multiple of OUTER_COLS and of group, group of OUTER_COLS.
+    float32; W a multiple of OUTER_COLS and of group, group of OUTER_COLS; runs: how many
+    balanced runs to cut the work into (the thread count).
     """
     R = acc.shape[1]
     W = m.shape[1]
     blocks = W // OUTER_COLS
     rank_blocks = (R + MR - 1) // MR
-    for i in prange(n_active * blocks * rank_blocks):
-        s = i // (blocks * rank_blocks)
-        n0 = (i // rank_blocks) % blocks * OUTER_COLS
-        q0 = i % rank_blocks * MR
-        q_last = min(q0 + MR, R) - 1
-        vq = (n0 // group) * R
-        v0, v1, v2, v3 = vq + q0, vq + min(q0 + 1, q_last), vq + min(q0 + 2, q_last), vq + q_last
-        e = active[s]
-        c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
-        c20, c21, c30, c31 = vzero(), vzero(), vzero(), vzero()
-        for r in range(offsets[e], offsets[e + 1]):
-            a0 = vload_f32(m, r * W + n0)
-            a1 = vload_f32(m, r * W + n0 + LANES)
-            c00, c01 = vfma2(vsplat(v[r, v0]), a0, a1, c00, c01)
-            c10, c11 = vfma2(vsplat(v[r, v1]), a0, a1, c10, c11)
-            c20, c21 = vfma2(vsplat(v[r, v2]), a0, a1, c20, c21)
-            c30, c31 = vfma2(vsplat(v[r, v3]), a0, a1, c30, c31)
-        at = (s * R + q0) * W + n0
-        for q, (c0, c1) in enumerate(((c00, c01), (c10, c11), (c20, c21), (c30, c31))):
-            if q0 + q <= q_last:
-                vstore(acc, at + q * W, c0)
-                vstore(acc, at + q * W + LANES, c1)
+    per_slot = blocks * rank_blocks
+    cost = np.empty(n_active * per_slot, np.int64)
+    for i in range(cost.shape[0]):
+        e = active[i // per_slot]
+        cost[i] = offsets[e + 1] - offsets[e]
+    bounds = balanced(cost, runs)
+    for run in prange(bounds.shape[0] - 1):
+        for i in range(bounds[run], bounds[run + 1]):
+            _outer_item(v, m, offsets, active, group, acc, i, blocks, rank_blocks)
+
+
+@njit(**JIT)
+def _outer_item(v, m, offsets, active, group, acc, i, blocks, rank_blocks):
+    """Item ``i`` of ``outer``: slot ``s``, columns ``n0 .. n0 + 31``, ranks ``q0 .. q0 + 3``."""
+    R = acc.shape[1]
+    W = m.shape[1]
+    s = i // (blocks * rank_blocks)
+    n0 = (i // rank_blocks) % blocks * OUTER_COLS
+    q0 = i % rank_blocks * MR
+    q_last = min(q0 + MR, R) - 1
+    vq = (n0 // group) * R
+    v0, v1, v2, v3 = vq + q0, vq + min(q0 + 1, q_last), vq + min(q0 + 2, q_last), vq + q_last
+    e = active[s]
+    c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
+    c20, c21, c30, c31 = vzero(), vzero(), vzero(), vzero()
+    for r in range(offsets[e], offsets[e + 1]):
+        a0 = vload_f32(m, r * W + n0)
+        a1 = vload_f32(m, r * W + n0 + LANES)
+        c00, c01 = vfma2(vsplat(v[r, v0]), a0, a1, c00, c01)
+        c10, c11 = vfma2(vsplat(v[r, v1]), a0, a1, c10, c11)
+        c20, c21 = vfma2(vsplat(v[r, v2]), a0, a1, c20, c21)
+        c30, c31 = vfma2(vsplat(v[r, v3]), a0, a1, c30, c31)
+    at = (s * R + q0) * W + n0
+    for q, (c0, c1) in enumerate(((c00, c01), (c10, c11), (c20, c21), (c30, c31))):
+        if q0 + q <= q_last:
+            vstore(acc, at + q * W, c0)
+            vstore(acc, at + q * W + LANES, c1)

@@ -19,10 +19,10 @@ Backward (routing, gu, h, d, xa_* from the cache; LoRA factors reloaded)::
 
     pair_grads(grad_y, d)               -> G = w grad_y [P, Hp] fp32 (+ bf16 G16), grad_w [T, k]
     project(G, B_d^T)                   -> gb_d = G B_d [P, r]
-    grouped_gemm(G16, W_d^T) + s gb_d A_d -> grad_h [P, Ip] fp32
+    grouped_gemm^T(G16, W_d) + s gb_d A_d -> grad_h [P, Ip] fp32
     silu_mul_backward(grad_h, gu)       -> dgu = dg | du [P, 2Ip] fp32 (+ bf16 dgu16)
     project(dgu, [B_g|B_u]^T)           -> gb_gu = dg B_g | du B_u [P, 2r]
-    grouped_gemm(dgu16, [W_g; W_u]^T) + s gb_gu [A_g; A_u] -> grad_x per pair [P, Hp] fp32
+    grouped_gemm^T(dgu16, [W_g; W_u]) + s gb_gu [A_g; A_u] -> grad_x per pair [P, Hp] fp32
     combine_rows(grad_x per pair, 1)    -> grad_x [T, H] bf16
     outer(...)                          -> dA_g, dA_u (from xs regathered), dB_g, dB_u (dgu),
                                            dA_d (h), dB_d (G), each times s
@@ -35,10 +35,11 @@ Saved: x (token order), routing, gu, h, d (bf16), xa_gu, xa_d. Recomputed: xs (a
 sigmoid(g). Nothing else survives a call.
 """
 
+import numba
 import numpy as np
 
 from .activation import silu_mul, silu_mul_backward
-from .gemm import ROW_SLACK, TILE_N, grouped_gemm, make_tasks, pack_vnni, padded
+from .gemm import ROW_SLACK, PackedWeight, grouped_gemm, padded
 from .lora import load, outer, project, row_blocks, store
 from .routing import combine_rows, gather_rows, pair_grads, route_pairs
 
@@ -47,31 +48,22 @@ _EMPTY_U16 = np.zeros((0, 0), np.uint16)
 
 
 class PackedWeights:
-    """Base weights in the VNNI layout of ``gemm.pack_vnni``, packed once.
+    """The layer's base weights, one stored copy each (``gemm.PackedWeight``), in format ``fmt``:
 
-    gu [E, 2Ip/16, Hp/2, 16]  = [W_gate; W_up]      (forward gate/up)
-    d  [E, Hp/16, Ip/2, 16]   = W_down              (forward down)
-    gu_t [E, Hp/16, Ip, 16]   = [W_gate; W_up]^T    (backward grad_x)
-    d_t  [E, Ip/16, Hp/2, 16] = W_down^T            (backward grad_h)
+    gu [E, 2Ip/16, Hp/2, 16] codes = [W_gate; W_up]   (forward gate/up; W^T for grad_x)
+    d  [E, Hp/16, Ip/2, 16] codes  = W_down           (forward down; W^T for grad_h)
+
+    Backward multiplies by the transposes of these same codes (``transposed=True``):
+    panels are decoded into per-thread scratch, never stored.
     """
 
-    def __init__(self, gate, up, down):
-        E, I, H = gate.shape
-        Hp, Ip = padded(H), padded(I)
-        self.gu = np.zeros((E, 2 * Ip // 16, Hp // 2, 16), np.uint32)
-        self.d = np.zeros((E, Hp // 16, Ip // 2, 16), np.uint32)
-        self.gu_t = np.zeros((E, Hp // 16, Ip, 16), np.uint32)
-        self.d_t = np.zeros((E, Ip // 16, Hp // 2, 16), np.uint32)
-        pack_vnni(gate, self.gu, 0, 0)
-        pack_vnni(up, self.gu, Ip // 16, 0)
-        pack_vnni(down, self.d, 0, 0)
-        pack_vnni(gate.transpose(0, 2, 1), self.gu_t, 0, 0)
-        pack_vnni(up.transpose(0, 2, 1), self.gu_t, 0, Ip // 2)
-        pack_vnni(down.transpose(0, 2, 1), self.d_t, 0, 0)
+    def __init__(self, gate, up, down, fmt):
+        self.gu = PackedWeight([gate, up], fmt)
+        self.d = PackedWeight([down], fmt)
 
     @property
     def nbytes(self):
-        return self.gu.nbytes + self.d.nbytes + self.gu_t.nbytes + self.d_t.nbytes
+        return self.gu.nbytes + self.d.nbytes
 
 
 class Workspace:
@@ -129,6 +121,7 @@ def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y):
     lora: ``None`` or an object with the six arrays (float32 or uint16), ``rank``
     and ``scale``; y [T, H] uint16, written.
     """
+    route.require()
     T, k = topk_ids.shape
     Ip = cache.h.shape[1]
     Hp = cache.d.shape[1]
@@ -147,14 +140,12 @@ def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y):
         _load_lora(lora, cache, ws, Ip)
         rows = row_blocks(cache.offsets, cache.active, cache.n_active)
         project(ws.xs, cache.offsets, cache.row_slot, rows, ws.a_gu, Hp, cache.xa_gu)
-    tasks = make_tasks(cache.offsets, cache.slot_of_expert, 2 * Ip // TILE_N)
-    grouped_gemm(route, ws.xs.view(np.uint32), packed.gu, cache.offsets, cache.slot_of_expert, tasks,
+    grouped_gemm(route, ws.xs.view(np.uint32), packed.gu, cache.offsets, cache.slot_of_expert,
                  cache.xa_gu, ws.bt_gu, Ip, scale, _EMPTY_F32, cache.gu)
     silu_mul(cache.gu, P, cache.h)
     if lora is not None:
         project(cache.h, cache.offsets, cache.row_slot, rows, ws.a_d, Ip, cache.xa_d)
-    tasks = make_tasks(cache.offsets, cache.slot_of_expert, Hp // TILE_N)
-    grouped_gemm(route, cache.h.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert, tasks,
+    grouped_gemm(route, cache.h.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert,
                  cache.xa_d, ws.bt_d, Hp, scale, ws.d32, cache.d)
     combine_rows(cache.rows[:T], cache.topk_weights[:T], ws.d32, y)
 
@@ -167,6 +158,7 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate):
     LoRA shapes; ``accumulate``: add into them (else overwrite the active experts'
     parts: the caller zero-initialises).
     """
+    route.require()
     T, P, S = cache.T, cache.P, cache.n_active
     Ip = cache.h.shape[1]
     Hp = cache.d.shape[1]
@@ -180,23 +172,22 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate):
         _load_lora(lora, cache, ws, Ip)
         row_items = row_blocks(cache.offsets, cache.active, S)
         project(ws.G, cache.offsets, cache.row_slot, row_items, ws.bt_d, Hp, ws.gb_d)
-    tasks = make_tasks(cache.offsets, cache.slot_of_expert, Ip // TILE_N)
-    grouped_gemm(route, ws.G16.view(np.uint32), packed.d_t, cache.offsets, cache.slot_of_expert, tasks,
-                 ws.gb_d, ws.a_d, Ip, scale, ws.grad_h, _EMPTY_U16)
+    grouped_gemm(route, ws.G16.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert,
+                 ws.gb_d, ws.a_d, Ip, scale, ws.grad_h, _EMPTY_U16, transposed=True)
     silu_mul_backward(ws.grad_h, cache.gu, P, ws.dgu, ws.dgu16)
     if lora is not None:
         project(ws.dgu, cache.offsets, cache.row_slot, row_items, ws.bt_gu, Ip, ws.gb_gu)
-    tasks = make_tasks(cache.offsets, cache.slot_of_expert, Hp // TILE_N)
-    grouped_gemm(route, ws.dgu16.view(np.uint32), packed.gu_t, cache.offsets, cache.slot_of_expert, tasks,
-                 ws.gb_gu, ws.a_gu, Hp, scale, ws.d32, _EMPTY_U16)
+    grouped_gemm(route, ws.dgu16.view(np.uint32), packed.gu, cache.offsets, cache.slot_of_expert,
+                 ws.gb_gu, ws.a_gu, Hp, scale, ws.d32, _EMPTY_U16, transposed=True)
     combine_rows(rows, np.ones((T, rows.shape[1]), np.float32), ws.d32, grads.input)
     if lora is None:
         return
     k = rows.shape[1]
     gather_rows(cache.x[:T], cache.order, k, P, ws.xs)
-    outer(ws.gb_gu, ws.xs, cache.offsets, cache.active, S, Hp, ws.da_gu)
-    outer(cache.xa_gu, ws.dgu, cache.offsets, cache.active, S, Ip, ws.dbt_gu)
-    outer(ws.gb_d, cache.h, cache.offsets, cache.active, S, Ip, ws.da_d)
-    outer(cache.xa_d, ws.G, cache.offsets, cache.active, S, Hp, ws.dbt_d)
+    runs = numba.get_num_threads()
+    outer(ws.gb_gu, ws.xs, cache.offsets, cache.active, S, Hp, ws.da_gu, runs)
+    outer(cache.xa_gu, ws.dgu, cache.offsets, cache.active, S, Ip, ws.dbt_gu, runs)
+    outer(ws.gb_d, cache.h, cache.offsets, cache.active, S, Ip, ws.da_d, runs)
+    outer(cache.xa_d, ws.G, cache.offsets, cache.active, S, Hp, ws.dbt_d, runs)
     for name, _, acc, row0, col0 in _lora_parts(lora, ws, Ip):
         store(acc, cache.active, S, row0, col0, scale, accumulate, _a_layout(name, getattr(grads, name)))

@@ -1,6 +1,6 @@
 """The machine's ceilings, measured: each route's peak and streaming read bandwidth.
 
-The roofline of DESIGN.md section 10 is ``max(FLOPs / peak, bytes / bandwidth)``, with
+The roofline of docs/design.md §10 is ``max(FLOPs / peak, bytes / bandwidth)``, with
 the peak of the instruction the route runs on:
 
 - ``fma_spin``: ``ACC`` independent ``f32x16`` FMA chains per work item (generic, avx512);

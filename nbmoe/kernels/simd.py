@@ -17,6 +17,10 @@ Conventions:
 - ``+ - * /`` and unary ``-`` work on ``f32x16`` values (IEEE, lane-wise); ``vexp`` is
   exp within 3 ulp (measured 2.7) over float32's normal range (``exp`` of ``-inf``/underflow is 0, of
   overflow ``inf``, NaN stays NaN).
+- quantized weights decode 16 lanes of code pairs at a time (``vdequant``) into VNNI
+  bf16 pairs: ``bf16((q - z) * s)``, the one rounding every kernel applies to them.
+- ``vtranspose8`` turns 8 vectors of VNNI pairs along K into 8 vectors of pairs along N
+  (the backward operand) in registers: 24 two-source shuffles, no scalar moves.
 """
 
 import operator
@@ -136,12 +140,14 @@ def vload(typingctx, arr, i):
 
 @intrinsic
 def vstore(typingctx, arr, i, v):
-    """Store 16 float32 to ``arr.flat[i:i+16]``."""
-    if not (_c_array(arr, types.float32) and isinstance(i, types.Integer) and v == f32x16):
+    """Store 16 lanes to ``arr.flat[i:i+16]``: a ``f32x16`` to float32, a ``u32x16`` to uint32."""
+    if not (isinstance(arr, types.Array) and arr.layout == "C" and arr.dtype in _VECTOR_OF
+            and isinstance(i, types.Integer) and v == _VECTOR_OF[arr.dtype][0]):
         return None
+    vec_ty = _VECTOR_OF[arr.dtype][1]
 
     def codegen(context, builder, sig, args):
-        ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], LLVM_F32X16)
+        ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], vec_ty)
         builder.store(args[2], ptr, align=4)
         return context.get_dummy_value()
     return types.none(arr, i, v), codegen
@@ -386,3 +392,128 @@ def vexp(typingctx, x):
         out = builder.select(builder.fcmp_ordered("<", v, _vconst(-103.97208)), _vconst(0.0), out)
         return builder.select(builder.fcmp_unordered("uno", v, v), v, out)
     return f32x16(x), codegen
+
+
+_I8 = ir.IntType(8)
+_I16X32 = ir.VectorType(_I16, 2 * LANES)
+_CODE_PAIRS = {types.uint16: (ir.VectorType(_I16, LANES), 8), types.uint8: (ir.VectorType(_I8, LANES), 4)}
+
+
+def _round_to_bf16_bits(builder, value):
+    """Round-to-nearest-even of finite float32 lanes; the bf16 bits in the low 16 of an i32."""
+    bits = builder.bitcast(value, LLVM_I32X16)
+    bias = builder.add(_const_i32x16(0x7FFF), builder.and_(builder.lshr(bits, _const_i32x16(16)),
+                                                           _const_i32x16(1)))
+    return builder.lshr(builder.add(bits, bias), _const_i32x16(16))
+
+
+@intrinsic
+def vdequant(typingctx, codes, i, zero, scale):
+    """16 lanes of quantized pairs at ``codes.flat[i:i+16]`` as VNNI bf16 pairs:
+    lane j = ``bf16((lo - zero[j]) * scale[j]) | bf16((hi - zero[j]) * scale[j]) << 16``.
+
+    codes uint16 (two int8 codes, low byte first: signed) or uint8 (two 4-bit codes, low
+    nibble first: unsigned 0..15); zero ``u32x16`` (ignored for int8); scale ``f32x16``.
+    ``(q - z) * s`` is one float32 multiply of an exact integer, then one rounding.
+    """
+    if not (isinstance(codes, types.Array) and codes.layout == "C" and codes.dtype in _CODE_PAIRS
+            and isinstance(i, types.Integer) and zero == u32x16 and scale == f32x16):
+        return None
+    vec_ty, bits = _CODE_PAIRS[codes.dtype]
+
+    def codegen(context, builder, sig, args):
+        ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], vec_ty)
+        wide = builder.zext(builder.load(ptr, align=1), LLVM_I32X16)
+        if bits == 8:                                   # int8 pairs: sign-extend each byte
+            lo = builder.ashr(builder.shl(wide, _const_i32x16(24)), _const_i32x16(24))
+            hi = builder.ashr(builder.shl(wide, _const_i32x16(16)), _const_i32x16(24))
+        else:                                           # nibble pairs, minus the zero point
+            lo = builder.sub(builder.and_(wide, _const_i32x16(15)), args[2])
+            hi = builder.sub(builder.lshr(wide, _const_i32x16(4)), args[2])
+        lo = _round_to_bf16_bits(builder, builder.fmul(builder.sitofp(lo, LLVM_F32X16), args[3]))
+        hi = _round_to_bf16_bits(builder, builder.fmul(builder.sitofp(hi, LLVM_F32X16), args[3]))
+        return builder.or_(lo, builder.shl(hi, _const_i32x16(16)))
+    return u32x16(codes, i, zero, scale), codegen
+
+
+@intrinsic
+def vload_u8(typingctx, arr, i):
+    """16 bytes at ``arr.flat[i:i+16]`` (uint8), zero-extended to a ``u32x16``."""
+    if not (_c_array(arr, types.uint8) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.VectorType(_I8, LANES))
+        return builder.zext(builder.load(ptr, align=1), LLVM_I32X16)
+    return u32x16(arr, i), codegen
+
+
+@intrinsic
+def vsplat_u32(typingctx, x):
+    """Broadcast an integer to the 16 lanes of a ``u32x16`` (a zero point, a bias)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, LLVM_I32X16, context.cast(builder, args[0], sig.args[0], types.uint32))
+    return u32x16(x), codegen
+
+
+def _transpose8_masks():
+    """Shuffle masks, on <32 x i16> views, of an 8 x 8 transpose of 64-bit cells in three
+    butterfly stages (stage bit b swaps cell c^b of row r^b), then the 2 x 2 transpose of
+    16-bit halves inside each cell. Returns [(b, mask for row r, mask for row r^b)] and
+    the in-cell mask."""
+    def cell(src, c):                      # halfword indices of cell c of source 0 or 1
+        return [32 * src + 4 * c + h for h in range(4)]
+    stages = []
+    for b in (1, 2, 4):
+        keep, swap = [], []
+        for c in range(8):
+            keep += cell(1, c ^ b) if c & b else cell(0, c)
+            swap += cell(1, c) if c & b else cell(0, c ^ b)
+        stages.append((b, keep, swap))
+    inner = [4 * c + o for c in range(8) for o in (0, 2, 1, 3)]
+    return stages, inner
+
+
+_STAGES, _INNER = _transpose8_masks()
+
+
+@intrinsic
+def vtranspose8(typingctx, src, i, dst, j):
+    """VNNI pairs along K -> pairs along N, 16 columns x 16 rows at a time.
+
+    Reads 8 ``u32x16`` at ``src.flat[i + 16 p]`` (p = 0..7): lane n holds the bf16 pair
+    ``(W[n, 2p], W[n, 2p+1])`` of 16 rows n. Writes 8 ``u32x16`` at ``dst.flat[j + 16 q]``
+    (q = 0..7): lane k holds ``(W[2q, k], W[2q+1, k])`` for the 16 columns k = 0..15.
+    (Pair p's cell for rows 2q, 2q+1 is 4 halfwords; the 8 x 8 matrix of such cells is
+    transposed and each cell's 2 x 2 halves swapped.)
+    """
+    if not (_c_array(src, types.uint32) and _c_array(dst, types.uint32)
+            and isinstance(i, types.Integer) and isinstance(j, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        rows = []
+        for p in range(8):
+            at = builder.add(context.cast(builder, args[1], sig.args[1], types.intp),
+                             ir.Constant(ir.IntType(64), 16 * p))
+            ptr = lane_ptr(context, builder, sig.args[0], args[0], types.intp, at, _I16X32)
+            rows.append(builder.load(ptr, align=4))
+        for b, keep, swap in _STAGES:
+            new = list(rows)
+            for r in range(8):
+                if r & b:
+                    continue
+                new[r] = builder.shuffle_vector(rows[r], rows[r ^ b], ir.Constant(ir.VectorType(_I32, 32), keep))
+                new[r ^ b] = builder.shuffle_vector(rows[r], rows[r ^ b], ir.Constant(ir.VectorType(_I32, 32), swap))
+            rows = new
+        inner = ir.Constant(ir.VectorType(_I32, 32), _INNER)
+        for q in range(8):
+            out = builder.shuffle_vector(rows[q], rows[q], inner)
+            at = builder.add(context.cast(builder, args[3], sig.args[3], types.intp),
+                             ir.Constant(ir.IntType(64), 16 * q))
+            builder.store(out, lane_ptr(context, builder, sig.args[2], args[2], types.intp, at, _I16X32), align=4)
+        return context.get_dummy_value()
+    return types.none(src, i, dst, j), codegen
