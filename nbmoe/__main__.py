@@ -23,6 +23,9 @@ from tqdm import tqdm
 
 from . import __version__, bench, info, reference
 from .bench import QWEN3_30B_A3B
+from .checks import BF16
+from .layer import WEIGHT_FORMATS, MoELayer
+from .quant import quantize
 from .kernels import isa
 
 
@@ -75,10 +78,13 @@ def cmd_run(args):
     gate, up, down, lora = bench.layer_weights(E, H, I, r, args.seed)
     print(f"weights: {3 * E * H * I * 2 / 2**30:.2f} GiB bf16 made in {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
-    from .layer import MoELayer
-    layer = MoELayer(gate, up, down, lora=lora, max_tokens=T)
-    print(f"packed once in {time.perf_counter() - t:.1f} s ({layer.packed_nbytes / 2**30:.2f} GiB); "
-          f"route {layer.route.name}")
+    group = args.group_size or bench.CHECKPOINT_GROUP.get(args.format)
+    layer = MoELayer(gate, up, down, lora=lora, max_tokens=T, weight_format=args.format, group_size=group)
+    print(f"stored once in {time.perf_counter() - t:.1f} s as {layer.weight_format}"
+          f"{f' (group {layer.group_size})' if layer.group_size else ''}: {layer.packed_nbytes / 2**30:.2f} GiB, "
+          f"{layer.packed_nbytes / (3 * E * H * I * 2):.3f} of raw bf16; route {layer.route.name}")
+    if args.format != "bf16":                     # the reference runs on the weights both passes use
+        gate, up, down = (quantize(w, args.format, group).dequantize().astype(BF16) for w in (gate, up, down))
     ids, weights = bench.routing(T, E, k, args.seed)
     x, grad_y = bench.activations(T, H, args.seed)
     t = time.perf_counter()
@@ -128,24 +134,37 @@ def cmd_bench(args):
     skew = (1.0 if args.zipf_s is None else args.zipf_s) if args.routing == "zipf" else None
     gate, up, down, lora = bench.layer_weights(E, H, I, r, args.seed)
     layer, rows = bench.side_by_side(gate, up, down, lora, args.tokens, k, repeat=args.repeat,
-                                     route=args.route, skew=skew)
+                                     route=args.route, skew=skew, formats=args.format,
+                                     group_size=args.group_size)
     route = layer.route
     ceilings = bench.measure_ceilings(route)
     print(f"route {route.name}; measured now, {numba.get_num_threads()} threads: {ceilings.peak_of} peak "
           f"{ceilings.peak_gflops:.0f} GFLOP/s, read {ceilings.read_gbs:.1f} GB/s")
     routing = "uniform" if skew is None else f"zipf s={skew:g}"
     print(f"layer: E={E} k={k} H={H} I={I} r={r}; routing {routing}; median of {args.repeat}; "
-          f"roofline = max(FLOP / peak, weight bytes / read) / time")
-    head = (f"{'T':>5} | {'pass':8} | {'nbmoe ms':>9} | {'eager ms':>9} | {'speedup':>7} | "
-            f"{'GFLOP/s':>7} | {'roofline':>8}")
+          f"roofline = max(FLOP / peak, stored weight bytes / read) / time")
+    raw = 3 * E * H * I * 2
+    for fmt in args.format:
+        stored = next(row.stored_nbytes for row in rows if row.weight_format == fmt)
+        group = args.group_size or bench.CHECKPOINT_GROUP.get(fmt)
+        print(f"  {fmt}{f' group {group}' if group and fmt.startswith('int4') else ''}: stored "
+              f"{stored / 2**20:.0f} MiB, {stored / raw:.3f} of raw bf16")
+    head = (f"{'T':>5} | {'pass':8} | {'format':9} | {'nbmoe ms':>9} | {'/ bf16':>6} | {'eager ms':>9} | "
+            f"{'speedup':>7} | {'GFLOP/s':>7} | {'roofline':>8}")
     print(head)
     print("-" * len(head))
+    base = {(row.T, row.weight_format): row for row in rows}
     for row in rows:
-        for name, ours, theirs, flop, nbytes in (
-                ("fwd", row.nbmoe_fwd_s, row.eager_fwd_s, row.fwd_flop, row.fwd_bytes),
-                ("fwd+bwd", row.nbmoe_step_s, row.eager_step_s, row.step_flop, row.step_bytes)):
-            print(f"{row.T:>5} | {name:8} | {ours * 1e3:9.2f} | {theirs * 1e3:9.2f} | {theirs / ours:6.2f}x | "
-                  f"{flop / ours / 1e9:7.1f} | {ceilings.roofline_s(flop, nbytes) / ours:8.2f}")
+        ref = base.get((row.T, "bf16"))
+        for name, ours, theirs, flop, nbytes, bf16 in (
+                ("fwd", row.nbmoe_fwd_s, row.eager_fwd_s, row.fwd_flop, row.fwd_bytes,
+                 ref and ref.nbmoe_fwd_s),
+                ("fwd+bwd", row.nbmoe_step_s, row.eager_step_s, row.step_flop, row.step_bytes,
+                 ref and ref.nbmoe_step_s)):
+            ratio = f"{ours / bf16:6.2f}" if bf16 else f"{'-':>6}"
+            print(f"{row.T:>5} | {name:8} | {row.weight_format:9} | {ours * 1e3:9.2f} | {ratio} | "
+                  f"{theirs * 1e3:9.2f} | {theirs / ours:6.2f}x | {flop / ours / 1e9:7.1f} | "
+                  f"{ceilings.roofline_s(flop, nbytes) / ours:8.2f}")
     ours, theirs, flop = bench.single_gemm(route)
     print(f"single bf16 GEMM M=512 K=2048 N=1536: nbmoe {ours * 1e3:.2f} ms ({flop / ours / 1e9:.0f} GFLOP/s), "
           f"torch.matmul {theirs * 1e3:.2f} ms ({flop / theirs / 1e9:.0f} GFLOP/s): {theirs / ours:.2f}x")
@@ -200,6 +219,11 @@ def main(argv=None):
     _shape_flags(run, tokens=512)
     run.add_argument("--steps", type=int, default=5)
     run.add_argument("--check", type=int, default=8, help="tokens checked against the reference")
+    run.add_argument("--format", choices=WEIGHT_FORMATS, default="bf16",
+                     help="base-weight format, quantized online (checked against the reference on "
+                          "the dequantized weights)")
+    run.add_argument("--group-size", type=int, default=None,
+                     help="int4 group (default: 32 for int4_k2, 128 for int4_awq, as their checkpoints)")
     sub.add_parser("info", help="CPU features, kernel route, threads")
     bench_parser = sub.add_parser("bench", help="nbmoe vs PyTorch eager across T")
     _shape_flags(bench_parser, tokens=None)
@@ -209,6 +233,10 @@ def main(argv=None):
     bench_parser.add_argument("--routing", choices=("uniform", "zipf"), default="uniform",
                               help="expert popularity: uniform, or Zipf-like (rank i drawn as 1 / i^s)")
     bench_parser.add_argument("--zipf-s", type=_zipf_s, default=None, help="the s of --routing zipf (default 1)")
+    bench_parser.add_argument("--format", choices=WEIGHT_FORMATS, nargs="+", default=["bf16"],
+                              help="base-weight formats, side by side (ratios against bf16 when listed)")
+    bench_parser.add_argument("--group-size", type=int, default=None,
+                              help="int4 group (default: 32 for int4_k2, 128 for int4_awq)")
     tune = sub.add_parser("finetune", help="LoRA fine-tuning of a tiny Qwen3-MoE on nbmoe")
     tune.add_argument("--steps", type=int, default=60)
     tune.add_argument("--batch", type=int, default=8)

@@ -92,10 +92,12 @@ def flops(T, k, H, I, r):
     return base + lora, base + 2 * lora
 
 
-def weight_bytes(ids, E, H, I):
-    """bf16 bytes of the experts a call touches: each read once per pass."""
+def weight_bytes(ids, E, H, I, stored_nbytes=None):
+    """Stored bytes of the experts a call touches, each read once per pass: ``stored_nbytes``
+    (a layer's ``packed_nbytes``, all E experts, scales included) or raw bf16 if None."""
     active = np.unique(ids[ids >= 0]).size if ids.size else 0
-    return active * 3 * H * I * 2
+    per_expert = 3 * H * I * 2 if stored_nbytes is None else stored_nbytes / E
+    return active * per_expert
 
 
 @dataclass
@@ -176,13 +178,23 @@ class Row:
     eager_step_s: float
     fwd_flop: float
     step_flop: float
-    fwd_bytes: float
+    fwd_bytes: float       # stored bytes of the experts touched, once per pass
     step_bytes: float
+    weight_format: str = "bf16"
+    stored_nbytes: int = 0  # the layer's packed_nbytes
 
 
-def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None, skew=None):
-    """Time nbmoe and the eager baseline on the same data (``routing(T, E, k, skew=skew)``),
-    forward and forward+backward, for each T in ``tokens``; torch uses Numba's thread count."""
+# the group of each int4 format in the checkpoints users have: Kimi-K2 32, AWQ 128
+CHECKPOINT_GROUP = {"int4_k2": 32, "int4_awq": 128}
+
+
+def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None, skew=None, formats=("bf16",),
+                 group_size=None):
+    """Time nbmoe (one layer per weight format in ``formats``; int4 groups ``group_size`` or
+    ``CHECKPOINT_GROUP``) and the eager baseline (bf16) on the same data
+    (``routing(T, E, k, skew=skew)``), forward and forward+backward, for each T in
+    ``tokens``; torch uses Numba's thread count. Returns (the first format's layer, rows:
+    one ``Row`` per T and format)."""
     import torch
 
     from .torch import to_torch
@@ -190,23 +202,13 @@ def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None, skew=Non
     torch.set_num_threads(numba.get_num_threads())
     E, I, H = gate.shape
     r = 0 if lora is None else lora.gate_a.shape[1]
-    layer = MoELayer(gate, up, down, lora=lora, max_tokens=max(tokens), route=route)
+    layers = {fmt: MoELayer(gate, up, down, lora=lora, max_tokens=max(tokens), route=route, weight_format=fmt,
+                            group_size=group_size or CHECKPOINT_GROUP.get(fmt)) for fmt in formats}
     eager = EagerExperts(gate, up, down, lora)
     rows = []
     for T in tokens:
         ids, weights = routing(T, E, k, skew=skew)
         x, grad_y = activations(T, H)
-
-        def nb_fwd():
-            layer.forward(x, ids, weights)
-
-        layer.forward(x, ids, weights, save_for_backward=True)
-        held = layer.backward(grad_y)
-
-        def nb_step():
-            layer.forward(x, ids, weights, save_for_backward=True)
-            layer.backward(grad_y, accumulate_into=held if lora is not None else None)
-
         tx, tg, tids = to_torch(x), to_torch(grad_y), to_torch(ids)
         tw = to_torch(weights, torch.bfloat16)
 
@@ -219,12 +221,24 @@ def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None, skew=Non
             wg = tw.detach().requires_grad_(True)
             eager.forward(xg, tids, wg).backward(tg)
 
+        eager_times = median_time(eager_fwd, repeat), median_time(eager_step, repeat)
         fwd_flop, bwd_flop = flops(T, k, H, I, r)
-        nbytes = weight_bytes(ids, E, H, I)
-        rows.append(Row(T, median_time(nb_fwd, repeat), median_time(eager_fwd, repeat),
-                        median_time(nb_step, repeat), median_time(eager_step, repeat),
-                        fwd_flop, fwd_flop + bwd_flop, nbytes, 2 * nbytes))
-    return layer, rows
+        for fmt, layer in layers.items():
+            layer.forward(x, ids, weights, save_for_backward=True)
+            held = layer.backward(grad_y)
+
+            def nb_fwd():
+                layer.forward(x, ids, weights)
+
+            def nb_step():
+                layer.forward(x, ids, weights, save_for_backward=True)
+                layer.backward(grad_y, accumulate_into=held if lora is not None else None)
+
+            nbytes = weight_bytes(ids, E, H, I, layer.packed_nbytes)
+            rows.append(Row(T, median_time(nb_fwd, repeat), eager_times[0], median_time(nb_step, repeat),
+                            eager_times[1], fwd_flop, fwd_flop + bwd_flop, nbytes, 2 * nbytes, fmt,
+                            layer.packed_nbytes))
+    return layers[formats[0]], rows
 
 
 def single_gemm(route, M=512, K=2048, N=1536, repeat=20):

@@ -20,6 +20,18 @@
 - ``add_lora`` / ``save_lora`` / ``load_lora`` / ``merge_lora``: LoRA adapters on every
   experts module (``gate_lora_a [E, r, H]``, ``gate_lora_b [E, I, r]``, ``up_lora_*``,
   ``down_lora_a [E, r, I]``, ``down_lora_b [E, H, r]``, attribute ``lora_alpha``).
+- ``quantize_experts(model, weight_format, group_size)``: quantize a loaded model's experts
+  in place and free their bf16 tensors; ``from_pretrained(path, weight_format,
+  group_size)``: build a model from a local checkpoint folder with its experts streamed,
+  one module at a time, into their stored format (``nbmoe.checkpoint`` reads the files;
+  compressed-tensors int4 -> int4_k2 and AWQ GEMM -> int4_awq as stored, bf16 quantized
+  online or kept). A module whose experts are quantized holds them only as a
+  ``StoredExperts`` (``stored_experts(module)``): the three ``QuantizedWeight`` until its
+  first forward packs them, then the packed ``MoELayer``; its ``gate_up_proj`` /
+  ``down_proj`` are empty tensors. It runs on "nbmoe" only (any other experts
+  implementation raises, naming the module), takes LoRA (``add_lora``: shapes from the
+  stored weights), and refuses ``merge_lora``. ``NbmoeExperts.from_quantized`` builds the
+  standalone module on QuantizedWeight.
 
 Tensors cross into NumPy without copies (bf16 through ``view(torch.int16)``). Base
 weights are packed once per experts module and re-packed only when their storage or
@@ -40,15 +52,23 @@ transformers' expert-parallel sentinel (an id equal to ``num_experts``) is a ski
 slot (nbmoe's ``-1``).
 """
 
+import contextlib
+import copy
 import json
 import math
+import numbers
+import os
+import types
+import warnings
 
 import ml_dtypes
 import numpy as np
 import torch
 from torch import nn
 
-from .layer import LoRAWeights, MoELayer
+from .kernels.gemm import PAD
+from .layer import DEFAULT_GROUP_SIZE, WEIGHT_FORMATS, LoRAWeights, MoELayer
+from .quant import FORMATS, QuantizedWeight, quantize
 from .reference import LORA_FIELDS
 
 LORA_NAMES = tuple(f"{n[:-2]}_lora{n[-2:]}" for n in LORA_FIELDS)     # gate_a -> gate_lora_a, ...
@@ -95,6 +115,8 @@ def _unsupported(module):
     act = getattr(module, "act_fn", None)
     if act is not None and not isinstance(act, nn.SiLU) and type(act).__name__ not in ("SiLUActivation", "SiLU"):
         bad.append(f"activation {type(act).__name__} (nbmoe computes SiLU)")
+    if _stored(module) is not None:       # shapes come from the stored weights, checked when stored
+        return ", ".join(bad) or None
     for name in ("gate_up_proj", "down_proj"):
         if getattr(module, name, None) is None or getattr(module, name).dim() != 3:
             bad.append(f"no 3-D {name}")
@@ -117,25 +139,151 @@ def has_lora(module):
     return all(isinstance(getattr(module, n, None), nn.Parameter) for n in LORA_NAMES)
 
 
+class StoredExperts:
+    """The base weights of an experts module stored quantized by nbmoe, the module's only
+    copy of them (its ``gate_up_proj`` / ``down_proj`` are freed, see ``quantize_experts``).
+
+    It holds the three ``QuantizedWeight`` (gate [E, I, H], up [E, I, H], down [E, H, I],
+    one format and group) until the module's first nbmoe forward packs them into an
+    ``MoELayer`` (the kernel layout); from then on it holds that layer alone (``parts``
+    None) - the quantized weights are never kept twice. Every forward's layer shares the
+    packed copy (``layer_for``): LoRA of another rank, added later, needs no re-pack.
+
+    ``name``: the module's name in the model (for messages); ``format``, ``group_size``;
+    ``shape`` (E, I, H); ``nbytes``: bytes of the stored copy (the QuantizedWeight's,
+    then the packed layer's ``packed_nbytes``).
+    """
+
+    def __init__(self, name, gate, up, down):
+        parts = (gate, up, down)
+        kinds = [type(w).__qualname__ for w in parts if not isinstance(w, QuantizedWeight)]
+        if kinds:
+            raise TypeError(f"{name}: expected three nbmoe.QuantizedWeight (gate, up, down), got {kinds[0]}")
+        formats, groups = {w.format for w in parts}, {w.group_size for w in parts}
+        if len(formats) > 1 or len(groups) > 1:
+            raise ValueError(f"{name}: gate, up and down must share one format and group_size, got "
+                             f"{[(w.format, w.group_size) for w in parts]}")
+        E, I, H = gate.shape
+        if up.shape != (E, I, H) or down.shape != (E, H, I):
+            raise ValueError(f"{name}: expected gate and up [E, I, H] and down [E, H, I], got "
+                             f"{list(gate.shape)}, {list(up.shape)}, {list(down.shape)}")
+        g = gate.group_size
+        if gate.format.startswith("int4") and (g % PAD or H % g or I % g):
+            raise ValueError(f"{name}: {gate.format} with group_size {g}: the int4 kernels need a group "
+                             f"that is a multiple of {PAD} and divides H = {H} and I = {I}")
+        self.name, self.format, self.group_size, self.shape = name, gate.format, g, (E, I, H)
+        self._parts, self._layer = parts, None
+
+    @property
+    def parts(self):
+        """(gate, up, down) QuantizedWeight until the first forward packs them; then None."""
+        return self._parts
+
+    @property
+    def layer(self):
+        """The packed layer (no LoRA) once built, else None."""
+        return self._layer
+
+    @property
+    def nbytes(self):
+        return sum(w.nbytes for w in self._parts) if self._layer is None else self._layer.packed_nbytes
+
+    def __repr__(self):
+        E, I, H = self.shape
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return (f"StoredExperts({self.name!r}, E={E}, I={I}, H={H}, format={self.format!r}{group}, "
+                f"nbytes={self.nbytes}, packed={self._layer is not None})")
+
+    def layer_for(self, lora, max_tokens, cache_depth):
+        """An ``MoELayer`` over the stored copy with ``lora`` (LoRAWeights or None): packs the
+        weights on the first call (and drops the QuantizedWeight), then each call returns a
+        shallow copy of that layer with its own LoRA and buffers, sharing the packed weights.
+        The copy is given its LoRA as ``MoELayer.__init__`` does (rank read from the arrays);
+        ``resize`` drops the buffers sized for none, so they are made for this rank."""
+        if self._layer is None:
+            self._layer = MoELayer(*self._parts, max_tokens=max_tokens, cache_depth=cache_depth)
+            self._parts = None
+        layer = copy.copy(self._layer)
+        layer.resize(max_tokens)
+        layer.cache_depth = cache_depth
+        layer._lora, layer.rank = lora, None
+        layer.rank = 0 if lora is None else layer._lora_view().rank
+        return layer
+
+
+def stored_experts(module):
+    """The ``StoredExperts`` of an experts module whose experts nbmoe stores quantized, else None."""
+    return module.__dict__.get("_nbmoe_stored")
+
+
+_stored = stored_experts
+
+
+def _stored_message(module, what):
+    stored = _stored(module)
+    return (f"{stored.name}: its experts are stored quantized by nbmoe ({stored.format}; the bf16 "
+            f"gate_up_proj / down_proj were freed), which {what} cannot run; use "
+            f"experts_implementation=\"nbmoe\" (model.set_experts_implementation(\"nbmoe\")), or load "
+            f"the model unquantized")
+
+
+def _stored_forward(module, hidden_states, top_k_index, top_k_weights):
+    """The forward of a transformers experts module whose experts are stored: nbmoe, or an
+    error naming the module when the model asks for another experts implementation."""
+    impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    if impl not in (None, "nbmoe"):
+        raise RuntimeError(_stored_message(module, f"the {impl!r} experts implementation"))
+    return experts_forward(module, hidden_states, top_k_index, top_k_weights)
+
+
+def _freed():
+    """What stands for a freed base weight: an empty bf16 tensor (no bytes; state_dict shows
+    it empty, so loading it into an unquantized model fails on the shape rather than silently)."""
+    p = nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)
+    p._is_hf_initialized = True           # transformers' initialize_weights leaves it alone
+    return p
+
+
+def _store(module, stored):
+    """Make ``stored`` the only base weights of ``module``: free its bf16 tensors and any
+    nbmoe state packed from them; transformers experts modules get a forward that runs
+    nbmoe or says why not."""
+    module.__dict__.pop("_nbmoe_state", None)
+    module.gate_up_proj = _freed()
+    module.down_proj = _freed()
+    module.__dict__["_nbmoe_stored"] = stored
+    if not isinstance(module, NbmoeExperts):
+        module.forward = types.MethodType(_stored_forward, module)
+
+
 class _State:
-    """What an experts module keeps for nbmoe: its layer, and the key of the packed weights."""
+    """What an experts module keeps for nbmoe: its layer, and the key of the packed weights.
+    A module with stored (quantized) experts gets a layer sharing the stored packed copy."""
 
     def __init__(self, module, tokens):
-        gate_up = to_numpy(module.gate_up_proj, "gate_up_proj")
-        I = gate_up.shape[1] // 2
         self.lora = None
         if has_lora(module):
             self.lora = LoRAWeights(*[to_numpy(getattr(module, n), n) for n in LORA_NAMES],
                                     alpha=float(module.lora_alpha))
-        self.layer = MoELayer(gate_up[:, :I], gate_up[:, I:], to_numpy(module.down_proj, "down_proj"),
-                              lora=self.lora, max_tokens=max(MIN_TOKENS, tokens),
-                              cache_depth=getattr(module, "nbmoe_cache_depth", CACHE_DEPTH))
+        max_tokens = max(MIN_TOKENS, tokens)
+        depth = getattr(module, "nbmoe_cache_depth", CACHE_DEPTH)
+        stored = _stored(module)
+        if stored is not None:
+            self.layer = stored.layer_for(self.lora, max_tokens, depth)
+        else:
+            gate_up = to_numpy(module.gate_up_proj, "gate_up_proj")
+            I = gate_up.shape[1] // 2
+            self.layer = MoELayer(gate_up[:, :I], gate_up[:, I:], to_numpy(module.down_proj, "down_proj"),
+                                  lora=self.lora, max_tokens=max_tokens, cache_depth=depth)
         self.key = _key(module)
 
 
 def _key(module):
-    weights = (module.gate_up_proj, module.down_proj)
     lora = tuple(tuple(getattr(module, n).shape) for n in LORA_NAMES) if has_lora(module) else None
+    stored = _stored(module)
+    if stored is not None:                # never changes: no tensor to look at
+        return ("stored", id(stored), lora)
+    weights = (module.gate_up_proj, module.down_proj)
     return tuple((w.data_ptr(), w._version, tuple(w.shape), w.dtype) for w in weights) + (lora,)
 
 
@@ -208,16 +356,24 @@ def experts_forward(module, hidden_states, top_k_index, top_k_weights):
     lora = [getattr(module, n) for n in LORA_NAMES] if has_lora(module) else []
     state = _state(module, hidden_states.shape[0], top_k_index.shape[-1])
     save = torch.is_grad_enabled() and any(t.requires_grad for t in [hidden_states, top_k_weights, *lora])
-    if save and (module.gate_up_proj.requires_grad or module.down_proj.requires_grad):
+    if save and _stored(module) is None and (module.gate_up_proj.requires_grad or module.down_proj.requires_grad):
         raise RuntimeError(f"{type(module).__name__}: nbmoe trains LoRA adapters and computes no gradient for "
                            f"base expert weights; freeze them (requires_grad_(False)) or call "
                            f"nbmoe.torch.add_lora(model, rank, alpha), which does")
     return ExpertsFunction.apply(state, save, hidden_states, top_k_index, top_k_weights, *lora)
 
 
-def _add_lora(module, rank, alpha, dtype):
+def _experts_shape(module):
+    """(E, I, H) of an experts module: from its stored weights, or its gate_up_proj."""
+    stored = _stored(module)
+    if stored is not None:
+        return stored.shape
     E, I2, H = module.gate_up_proj.shape
-    I = I2 // 2
+    return E, I2 // 2, H
+
+
+def _add_lora(module, rank, alpha, dtype):
+    E, I, H = _experts_shape(module)
     shapes = dict(gate_lora_a=(E, rank, H), gate_lora_b=(E, I, rank), up_lora_a=(E, rank, H),
                   up_lora_b=(E, I, rank), down_lora_a=(E, rank, I), down_lora_b=(E, H, rank))
     for name, shape in shapes.items():
@@ -233,10 +389,11 @@ def _add_lora(module, rank, alpha, dtype):
 
 
 def experts_modules(model):
-    """(name, module) for every module of ``model`` with 3-D ``gate_up_proj`` and ``down_proj``."""
-    found = [(n, m) for n, m in model.named_modules()
-             if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor) and
-             isinstance(getattr(m, "down_proj", None), torch.Tensor) and m.gate_up_proj.dim() == 3]
+    """(name, module) for every module of ``model`` with 3-D ``gate_up_proj`` and ``down_proj``,
+    or with experts stored quantized by nbmoe (``stored_experts``)."""
+    found = [(n, m) for n, m in model.named_modules() if _stored(m) is not None or (
+             isinstance(getattr(m, "gate_up_proj", None), torch.Tensor) and
+             isinstance(getattr(m, "down_proj", None), torch.Tensor) and m.gate_up_proj.dim() == 3)]
     if not found:
         raise ValueError(f"{type(model).__name__}: no experts module (3-D gate_up_proj and down_proj) found")
     return found
@@ -314,10 +471,20 @@ def load_lora(model, path):
 
 def merge_lora(model):
     """Fold every adapter into its base weights (``W += alpha / r * B A``, computed in fp32,
-    rounded once to the base dtype) and remove the adapters: a plain model for export."""
-    for _, module in experts_modules(model):
-        if not has_lora(module):
-            continue
+    rounded once to the base dtype) and remove the adapters: a plain model for export.
+
+    Experts stored quantized refuse (ValueError, before anything changes): a merged
+    weight is no longer on the quantization grid, and re-quantizing it would change the
+    function the adapter was trained with. Save the adapter (``save_lora``) and merge it
+    into a bf16 copy of the model instead."""
+    modules = [(n, m) for n, m in experts_modules(model) if has_lora(m)]
+    for name, module in modules:
+        stored = _stored(module)
+        if stored is not None:
+            raise ValueError(f"merge_lora: {name} holds its base weights quantized by nbmoe ({stored.format}); "
+                             f"a merged adapter would have to be re-quantized, changing the trained function. "
+                             f"Save the adapter with save_lora and merge it into the bf16 model instead")
+    for _, module in modules:
         s = module.lora_alpha / module.gate_lora_a.shape[1]
         delta = {n: s * torch.bmm(getattr(module, f"{n}_lora_b").float(), getattr(module, f"{n}_lora_a").float())
                  for n in ("gate", "up", "down")}
@@ -370,6 +537,8 @@ def reference_experts_forward(module, hidden_states, top_k_index, top_k_weights)
     """The ``"nbmoe_reference"`` experts implementation: ``module`` on ``eager_experts``, its
     [E, ...] LoRA parameters unbound into per-expert views (one gradient per parameter, filled
     where experts were reached, rather than one full-size gradient per expert hit)."""
+    if _stored(module) is not None:
+        raise RuntimeError(_stored_message(module, "the \"nbmoe_reference\" experts implementation"))
     lora, scaling = None, 1.0
     if has_lora(module):
         lora = {f: getattr(module, n).unbind(0) for f, n in zip(LORA_FIELDS, LORA_NAMES)}
@@ -394,8 +563,235 @@ class NbmoeExperts(nn.Module):
         if rank:
             _add_lora(self, rank, float(rank if alpha is None else alpha), lora_dtype)
 
+    @classmethod
+    def from_quantized(cls, gate, up, down, rank=0, alpha=None, lora_dtype=torch.float32):
+        """The same module over stored quantized experts: gate [E, I, H], up [E, I, H],
+        down [E, H, I] ``nbmoe.QuantizedWeight`` of one format (``StoredExperts``); its
+        ``gate_up_proj`` / ``down_proj`` are empty."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.act_fn = nn.SiLU()
+        _store(self, StoredExperts(cls.__name__, gate, up, down))
+        if rank:
+            _add_lora(self, rank, float(rank if alpha is None else alpha), lora_dtype)
+        return self
+
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _group_problem(fmt, group_size, H, I):
+    """Why ``fmt`` with ``group_size`` cannot hold experts of hidden size H and intermediate
+    size I on the int4 kernels, or None."""
+    g = group_size
+    if fmt.startswith("int4") and (isinstance(g, bool) or not isinstance(g, numbers.Integral) or g <= 0 or g % PAD
+                                   or H % g or I % g):
+        return (f"{fmt} with group_size {g!r}: the int4 kernels need a group that is a multiple of {PAD} "
+                f"and divides H = {H} and I = {I}")
+    return None
+
+
+def quantize_experts(model, weight_format, group_size=None):
+    """Quantize every experts module of ``model`` in place and free its bf16 experts.
+
+    Each module's ``gate_up_proj [E, 2I, H]`` (gate first) and ``down_proj [E, H, I]`` are
+    quantized (``nbmoe.quantize``: gate, up and down, ``weight_format`` "int8" | "int4_awq" |
+    "int4_k2", int4 groups of ``group_size``, 128 if None, ignored for int8) - the weights
+    ``MoELayer(gate, up, down, weight_format=..., group_size=...)`` would hold - into a
+    ``StoredExperts``; the module's two tensors are then replaced by empty ones, so their
+    memory is released - unless something else still refers to them (an optimizer over
+    them, a tensor kept by the caller) - before the next module is quantized. Everything
+    is checked before anything changes.
+    The model is switched to the "nbmoe" experts implementation; a quantized module run
+    by any other one raises, naming it. LoRA already on the modules stays.
+
+    Returns ``model``."""
+    if weight_format not in FORMATS:
+        raise ValueError(f"quantize_experts: weight_format: expected one of {', '.join(FORMATS)}, "
+                         f"got {weight_format!r}")
+    group_size = None if weight_format == "int8" else (DEFAULT_GROUP_SIZE if group_size is None else group_size)
+    modules = experts_modules(model)
+    for name, module in modules:
+        stored = _stored(module)
+        if stored is not None:
+            raise ValueError(f"quantize_experts: {name} is already stored quantized ({stored.format})")
+        _check(module)
+        E, I, H = _experts_shape(module)
+        problem = _group_problem(weight_format, group_size, H, I)
+        if problem:
+            raise ValueError(f"quantize_experts: {name}: {problem}")
+    for name, module in modules:
+        gate_up = to_numpy(module.gate_up_proj, f"{name}.gate_up_proj")
+        down = to_numpy(module.down_proj, f"{name}.down_proj")
+        I = gate_up.shape[1] // 2
+        parts = [quantize(w, weight_format, group_size) for w in (gate_up[:, :I], gate_up[:, I:], down)]
+        del gate_up, down
+        _store(module, StoredExperts(name, *parts))
+    _use_nbmoe(model)
+    return model
+
+
+def _as_tensor(a, dtype):
+    """A checkpoint array as a tensor of ``dtype`` (bf16 without a copy)."""
+    t = to_torch(a) if a.dtype == ml_dtypes.bfloat16 else torch.from_numpy(a)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _put(model, key, tensor):
+    """Set parameter or buffer ``key`` of ``model`` (replacing its meta placeholder)."""
+    owner, _, attr = key.rpartition(".")
+    module = model.get_submodule(owner)
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        tensor = nn.Parameter(tensor, requires_grad=old.requires_grad and tensor.is_floating_point())
+        module._parameters[attr] = tensor
+    else:
+        module._buffers[attr] = tensor
+    tensor._is_hf_initialized = True      # loaded: transformers' initialize_weights skips it
+
+
+def from_pretrained(path, weight_format=None, group_size=None, model_class=None, **kw):
+    """A transformers MoE model from the local checkpoint folder ``path``, on the "nbmoe"
+    experts implementation, its experts read straight into their stored format.
+
+    ``path``: ``config.json`` and ``model.safetensors``, or shards and
+    ``model.safetensors.index.json`` (nothing is downloaded). ``model_class``: the
+    transformers class to build (default ``AutoModelForCausalLM``); ``**kw`` go to its
+    ``from_config`` (e.g. ``attn_implementation``; ``dtype``, bfloat16 by default, is the
+    dtype of the non-expert weights and of bf16 experts).
+
+    How it loads (``nbmoe.checkpoint`` reads the files):
+
+    1. The model is built from ``config.json`` on the meta device (no weight is
+       materialised); its ``quantization_config``, if any, is parsed and then removed
+       from the config (transformers must not quantize it again).
+    2. Every tensor the model needs is checked from the file headers alone - present,
+       dtype, shape - before anything is read: a missing or malformed one is a
+       ValueError naming it.
+    3. Non-expert tensors are read one at a time into the model. A quantized linear
+       (compressed-tensors ``X.weight_packed`` / ``weight_scale`` / ``weight_shape``, or
+       AWQ ``X.qweight`` / ``qzeros`` / ``scales``, where the model has ``X.weight``) is
+       dequantized to bf16 (``QuantizedWeight.dequantize``).
+    4. Experts, one module at a time: per-expert keys
+       ``P.{e}.{gate,up,down}_proj.weight`` (Mixtral's ``w1`` / ``w3`` / ``w2`` too), fused
+       ``P.gate_up_proj`` / ``P.down_proj``, or per-expert int4 tensors as in 3. int4
+       experts become ``QuantizedWeight`` directly (``from_k2`` -> "int4_k2", ``from_awq``
+       -> "int4_awq"), never through bf16; bf16 experts are gathered for one module and
+       then kept as the module's bf16 ``gate_up_proj`` / ``down_proj`` (``weight_format``
+       None or "bf16") or quantized online (``weight_format`` "int8" | "int4_awq" |
+       "int4_k2", int4 groups of ``group_size``, 128 if None). Quantized experts are
+       held as ``StoredExperts`` (see ``quantize_experts``), their tensors empty.
+    5. Tied weights are tied, non-persistent buffers (rotary tables) computed by
+       transformers' ``initialize_weights`` (which skips everything loaded); the model
+       is returned in eval mode. Checkpoint tensors the model does not use are named in
+       a warning.
+
+    A quantized checkpoint fixes the experts' format and group: ``weight_format`` or
+    ``group_size`` that contradict it are a ValueError (pass None). An unsupported
+    ``quantization_config`` is a ValueError.
+
+    Memory: nothing is memory-mapped, and the model is never whole in bf16. Beside the
+    model being built, quantizing bf16 experts holds one projection of one module's
+    experts in bf16 (a third of a layer; fused keys: the stored gate_up_proj, two thirds)
+    and int4 checkpoints one projection's checkpoint tensors, so the peak stays under the
+    stored experts + the non-expert weights + one layer of bf16 experts (measured by
+    tests/test_checkpoint.py in a subprocess). With ``weight_format`` bf16 the experts are
+    the model's bf16 tensors, read straight into place."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        from transformers import initialization as hf_init
+    except ImportError:                   # older transformers: plain meta-device construction
+        hf_init = None
+
+    from . import checkpoint as ck
+
+    if weight_format is not None and weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"from_pretrained: weight_format: expected None or one of {', '.join(WEIGHT_FORMATS)}, "
+                         f"got {weight_format!r}")
+    if kw.pop("experts_implementation", "nbmoe") != "nbmoe":
+        raise ValueError("from_pretrained: builds models on experts_implementation=\"nbmoe\"; "
+                         "load with transformers' own from_pretrained for another one")
+    ckpt = ck.Checkpoint(path)
+    scheme = ck.quantization(ckpt.config)
+    config = AutoConfig.from_pretrained(os.fspath(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    kw.setdefault("dtype", torch.bfloat16)
+    safe_ops = getattr(hf_init, "meta_device_safe_creation_ops", contextlib.nullcontext)
+    with torch.device("meta"), safe_ops():  # weights on meta: nothing materialised
+        model = (model_class or AutoModelForCausalLM).from_config(config, experts_implementation="nbmoe", **kw)
+
+    # 2. plan and check everything from the headers
+    experts = []
+    for name, module in experts_modules(model):
+        _check(module)
+        E, I, H = _experts_shape(module)
+        layout = ck.plan_experts(ckpt, name, E, I, H, scheme)
+        if layout in ("int4_k2", "int4_awq"):
+            where = f"from_pretrained: {path} stores {name}'s experts as {layout} ({scheme.method})"
+            if weight_format not in (None, layout):
+                raise ValueError(f"{where}; weight_format={weight_format!r} contradicts it: pass None or {layout!r}")
+            if group_size not in (None, scheme.group_size):
+                raise ValueError(f"{where} with group_size {scheme.group_size}; group_size={group_size!r} "
+                                 f"contradicts it: pass None or {scheme.group_size}")
+            fmt, g = layout, scheme.group_size
+        else:
+            fmt = weight_format or "bf16"
+            g = (DEFAULT_GROUP_SIZE if group_size is None else group_size) if fmt.startswith("int4") else None
+        problem = _group_problem(fmt, g, H, I)
+        if problem:
+            raise ValueError(f"from_pretrained: {name}: {problem}")
+        experts.append((name, module, (E, I, H), layout, fmt, g))
+    state = model.state_dict(keep_vars=True)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    skip = {f"{name}.{p}" for name, *_ in experts for p in ("gate_up_proj", "down_proj")} | tied
+    linears = []
+    for key, t in state.items():
+        if key in skip:
+            continue
+        if t.is_floating_point():
+            fmt = ck.plan_linear(ckpt, key, tuple(t.shape), scheme)
+        else:
+            ckpt.expect(key, (torch.empty(0, dtype=t.dtype).numpy().dtype,), tuple(t.shape))
+            fmt = "bf16"
+        linears.append((key, fmt))
+    for key in tied & set(ckpt.names()):
+        ckpt.skip(key)
+
+    # 3. non-expert tensors, in file order
+    for key, fmt in sorted(linears, key=lambda kf: ckpt.position(ck.source_name(ckpt, *kf))):
+        _put(model, key, _as_tensor(ck.load_linear(ckpt, key, tuple(state[key].shape), fmt, scheme),
+                                    state[key].dtype))
+    del state
+    # 4. experts, one module at a time
+    for name, module, (E, I, H), layout, fmt, g in experts:
+        got = ck.load_experts(ckpt, name, E, I, H, layout, fmt, g, scheme)
+        if got[0] == "bf16":
+            _put(model, f"{name}.gate_up_proj", _as_tensor(got[1], module.gate_up_proj.dtype))
+            _put(model, f"{name}.down_proj", _as_tensor(got[2], module.down_proj.dtype))
+        else:
+            _store(module, StoredExperts(name, *got[1]))
+        del got
+    # 5. tie, compute the non-persistent buffers, check that nothing is left on meta
+    if tied:
+        model.tie_weights()
+    for module in model.modules():
+        for b in module._non_persistent_buffers_set:
+            buf = module._buffers.get(b)
+            if buf is not None and buf.is_meta:
+                module._buffers[b] = torch.empty_like(buf, device="cpu")
+    if hasattr(model, "initialize_weights"):
+        model.initialize_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"from_pretrained: {path} left {len(left)} tensors unloaded, e.g. {left[:3]}")
+    unread = ckpt.unread()
+    if unread:
+        warnings.warn(f"from_pretrained: {len(unread)} tensors of {path} are not used by "
+                      f"{type(model).__name__}, e.g. {unread[:3]}", stacklevel=2)
+    model.eval()
+    _use_nbmoe(model)
+    return model
 
 
 def register():

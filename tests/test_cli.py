@@ -46,7 +46,7 @@ def test_run_small_layer_checks_against_reference():
     done = _run(*SMALL_RUN)
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert f"route {isa.runnable()[0]}" in out and "GFLOP/s" in out and "tokens/s" in out
+    assert f"route {isa.choose_route().name}" in out and "GFLOP/s" in out and "tokens/s" in out
     assert "check: 8 sampled tokens vs float64 reference" in out and out.rstrip().endswith("OK")
     # piped: no progress bar, so no carriage-return lines in a log
     assert "steps" not in done.stderr and "\r" not in done.stdout + done.stderr
@@ -84,13 +84,24 @@ def test_bench_routing_flags_are_checked(argv, message, capsys):
 
 
 @pytest.mark.slow
-def test_bench_with_zipf_routing():
-    done = _run("bench", "-E", "8", "-k", "2", "-H", "64", "-I", "32", "-r", "2", "-T", "4", "16", "--repeat", "1",
-                "--routing", "zipf", "--zipf-s", "1.5")
+def test_bench_with_zipf_routing_and_formats_side_by_side():
+    done = _run("bench", "-E", "8", "-k", "2", "-H", "64", "-I", "64", "-r", "2", "-T", "4", "16", "--repeat", "1",
+                "--routing", "zipf", "--zipf-s", "1.5", "--format", "bf16", "int4_k2")
     assert done.returncode == 0, done.stderr
     assert "routing zipf s=1.5" in done.stdout
-    rows = [line for line in done.stdout.splitlines() if line.lstrip().startswith(("4 |", "16 |"))]
-    assert len(rows) == 4 and all(float(row.split("|")[4].rstrip("x ")) > 0 for row in rows)
+    assert "int4_k2 group 32: stored 0 MiB, 0.281 of raw bf16" in done.stdout
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.lstrip().startswith(("4 |", "16 |"))]
+    assert len(rows) == 8 and {row[2].strip() for row in rows} == {"bf16", "int4_k2"}
+    assert all(float(row[6].rstrip("x ")) > 0 for row in rows)                 # speedup against eager
+    assert all(float(row[4]) == 1.0 for row in rows if row[2].strip() == "bf16")  # ratio to bf16
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4_awq"])
+def test_run_quantized_checks_against_the_dequantized_reference(fmt):
+    done = _run("run", "-E", "8", "-k", "2", "-H", "64", "-I", "64", "-r", "4", "-T", "24", "--steps", "2",
+                "--format", fmt, "--group-size", "32")
+    assert done.returncode == 0, done.stderr
+    assert f"as {fmt}" in done.stdout and done.stdout.rstrip().endswith("OK")
 
 
 @pytest.mark.slow

@@ -2,12 +2,15 @@
 
 import ml_dtypes
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
-from nbmoe.kernels.simd import (bf16_to_f32, f32_to_bf16, vfma, vhsum, vload, vload_bf16, vpair_hi, vpair_lo,
-                                vsplat, vstore, vstore_bf16, vzero)
+from nbmoe.kernels.isa import vdequant_bf16
+from nbmoe.kernels.simd import (bf16_to_f32, f32_to_bf16, vdequant, vfma, vhsum, vload, vload_bf16, vload_u8,
+                                vpair_hi, vpair_lo, vsplat, vstore, vstore_bf16, vtranspose8, vzero)
+from conftest import RUNNABLE
 
 
 @njit
@@ -88,3 +91,48 @@ def test_vnni_pair_widening_and_fma():
     while tree.size > 1:
         tree = tree[:tree.size // 2] + tree[tree.size // 2:]
     assert total == tree[0]
+
+
+@njit
+def _dequant(codes, zeros, scales, out, bf16_route):
+    for i in range(0, codes.size, 16):
+        z, s = vload_u8(zeros, i), vload(scales, i)
+        vstore(out, i, vdequant_bf16(codes, i, z, s) if bf16_route else vdequant(codes, i, z, s))
+
+
+@pytest.mark.parametrize("code_dtype", [np.uint16, np.uint8])
+@pytest.mark.parametrize("bf16_route", [False, True])
+def test_dequant_rounds_once_to_nearest_even(code_dtype, bf16_route):
+    # every int8 pair (signed bytes) or every nibble pair with every zero point, times
+    # scales of every magnitude: bf16((q - z) * s) in both halves, the bits of ml_dtypes'
+    # rounding; the x86 twin (one vcvtne2ps2bf16) gives the same bits
+    if bf16_route and "avx512_bf16" not in RUNNABLE:
+        pytest.skip("vcvtne2ps2bf16 needs AVX512_BF16, which this CPU lacks (the portable twin is tested)")
+    rng = np.random.default_rng(int(code_dtype().itemsize) + 2 * bf16_route)
+    n = 1 << 16
+    codes = (np.arange(n) if code_dtype == np.uint16 else rng.integers(0, 256, n)).astype(code_dtype)
+    zeros = (np.zeros(n) if code_dtype == np.uint16 else rng.integers(0, 16, n)).astype(np.uint8)
+    scales = (rng.standard_normal(n) * 2.0 ** rng.integers(-30, 30, n)).astype(np.float32)
+    out = np.empty(n, np.uint32)
+    _dequant(codes, zeros, scales, out, bf16_route)
+    if code_dtype == np.uint16:
+        lo, hi = codes.view(np.uint8)[0::2].view(np.int8), codes.view(np.uint8)[1::2].view(np.int8)
+    else:
+        lo, hi = codes & 15, codes >> 4
+    for half, q in ((out & 0xFFFF, lo), (out >> 16, hi)):
+        want = ((q.astype(np.float32) - zeros.astype(np.float32)) * scales).astype(ml_dtypes.bfloat16)
+        assert np.array_equal(half.astype(np.uint16), want.view(np.uint16))
+
+
+@njit
+def _transpose(src, dst):
+    vtranspose8(src, 0, dst, 0)
+
+
+def test_transpose8_turns_pairs_along_k_into_pairs_along_n():
+    w = np.random.default_rng(0).integers(0, 1 << 16, (16, 16)).astype(np.uint16)       # [n, k]
+    along_k = w.reshape(16, 8, 2).transpose(1, 0, 2).copy().view(np.uint32)[..., 0]     # [p][n]
+    out = np.zeros((8, 16), np.uint32)
+    _transpose(along_k, out)
+    along_n = w.reshape(8, 2, 16).transpose(0, 2, 1).copy().view(np.uint32)[..., 0]     # [q][k]
+    assert np.array_equal(out, along_n)

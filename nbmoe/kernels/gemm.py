@@ -19,12 +19,12 @@ pair ``(W[e, 16b+j, 2p], W[e, 16b+j, 2p+1])`` - the VNNI pair order of ``vdpbf16
 and AMX ``tdpbf16ps``:
 
 ======== ============ ================================= ==============================
-format   codes        scales (per expert, group, col)   weight the kernels multiply by
+format   codes        scales [E, Np/16, groups, 16]     weight the kernels multiply by
 ======== ============ ================================= ==============================
 bf16     uint32       (none)                            the bf16 pair itself
-int8     uint16       float32 [E, 1, Np]                bf16(q * s)
-int4_awq uint8        float32 [E, Kp/g, Np], zeros u8   bf16((q - z) * s)
-int4_k2  uint8        bf16 [E, Kp/g, Np]                bf16((q - 8) * s)
+int8     uint16       float32, one group                bf16(q * s)
+int4_awq uint8        float32, Kp/g; zeros u8 alike     bf16((q - z) * s)
+int4_k2  uint8        bf16, Kp/g groups                 bf16((q - 8) * s)
 ======== ============ ================================= ==============================
 
 ``Np``, ``Kp`` are ``N``, ``K`` rounded up to ``PAD``; pad codes and scales are zero, and
@@ -60,9 +60,9 @@ from numba import types
 from numba.extending import overload
 
 from ..config import JIT, JIT_PARALLEL
-from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdpbf16
+from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdequant_bf16, vdpbf16
 from .schedule import balanced
-from .simd import (LANES, f32_from_bits, vdequant, vfma, vfma2, vload, vload_bf16, vload_u8, vpair_hi, vpair_lo,
+from .simd import (LANES, f32_from_bits, prefetch, vdequant, vfma, vfma2, vload, vload_bf16, vload_u8, vpair_hi, vpair_lo,
                    vsplat, vsplat_pair, vsplat_u32, vstore, vstore_bf16, vtranspose8, vzero)
 
 PAD = 32          # N and K padding: two vectors of output, one AMX tile of K
@@ -299,81 +299,105 @@ def make_tasks(offsets, slot_of_expert, n_tiles, n_chunks):
     return tasks, balanced(cost, n_chunks)
 
 
-def _decode(codes, at, scales, zeros, sc):
-    """The 16 bf16 pairs of ``codes.flat[at:at+16]`` as a ``u32x16``; their scales (and zero
-    points) at ``scales.flat[sc:sc+16]`` (format: module docstring)."""
+def _group_scales(codes, scales, zeros, sc):
+    """(zero points ``u32x16``, scales ``f32x16``) of 16 columns of one group, at
+    ``scales.flat[sc:sc+16]`` (format: module docstring); unused for bf16."""
+
+
+@overload(_group_scales, jit_options=JIT)
+def _group_scales_format(codes, scales, zeros, sc):
+    if codes.dtype == types.uint32:
+        return lambda codes, scales, zeros, sc: (vsplat_u32(0), vzero())
+    if codes.dtype == types.uint16:
+        return lambda codes, scales, zeros, sc: (vsplat_u32(0), vload(scales, sc))
+    if scales.dtype == types.float32:
+        return lambda codes, scales, zeros, sc: (vload_u8(zeros, sc), vload(scales, sc))
+    return lambda codes, scales, zeros, sc: (vsplat_u32(8), vload_bf16(scales, sc))
+
+
+def _decode(route, codes, at, zero, scale):
+    """The 16 bf16 pairs of ``codes.flat[at:at+16]`` as a ``u32x16``, with the group's
+    ``_group_scales``. Routes with bf16 instructions round with them
+    (``isa.vdequant_bf16``): the same bits, fewer steps."""
 
 
 @overload(_decode, jit_options=JIT)
-def _decode_format(codes, at, scales, zeros, sc):
+def _decode_format(route, codes, at, zero, scale):
     if codes.dtype == types.uint32:
-        return lambda codes, at, scales, zeros, sc: vload(codes, at)
-    if codes.dtype == types.uint16:
-        return lambda codes, at, scales, zeros, sc: vdequant(codes, at, vsplat_u32(0), vload(scales, sc))
-    if scales.dtype == types.float32:
-        return lambda codes, at, scales, zeros, sc: vdequant(codes, at, vload_u8(zeros, sc), vload(scales, sc))
-    return lambda codes, at, scales, zeros, sc: vdequant(codes, at, vsplat_u32(8), vload_bf16(scales, sc))
+        return lambda route, codes, at, zero, scale: vload(codes, at)
+    if route.route in ("amx", "avx512_bf16"):
+        return lambda route, codes, at, zero, scale: vdequant_bf16(codes, at, zero, scale)
+    return lambda route, codes, at, zero, scale: vdequant(codes, at, zero, scale)
 
 
-def _forward_panel(codes, flat, scales, zeros, group_pairs, e, nb0, panel):
+def _forward_panel(route, codes, flat, scales, zeros, group_pairs, e, nb0, panel):
     """(array, offset) of the two 16-column blocks ``nb0, nb0 + 1`` of expert ``e`` in
     VNNI order over all of K: the stored codes themselves for bf16, else ``panel``
     [2 * Kp/2 * 16] uint32 filled by decoding them."""
 
 
 @overload(_forward_panel, jit_options=JIT)
-def _forward_panel_format(codes, flat, scales, zeros, group_pairs, e, nb0, panel):
+def _forward_panel_format(route, codes, flat, scales, zeros, group_pairs, e, nb0, panel):
     if codes.dtype == types.uint32:
-        return lambda codes, flat, scales, zeros, group_pairs, e, nb0, panel: \
+        return lambda route, codes, flat, scales, zeros, group_pairs, e, nb0, panel: \
             (flat, (e * codes.shape[1] + nb0) * codes.shape[2] * LANES)
 
-    def impl(codes, flat, scales, zeros, group_pairs, e, nb0, panel):
+    def impl(route, codes, flat, scales, zeros, group_pairs, e, nb0, panel):
         NB, KP2 = codes.shape[1], codes.shape[2]
-        G, Np = scales.shape[1], scales.shape[2]
+        G = scales.shape[2]
         for b in range(2):
             at = (e * NB + nb0 + b) * KP2 * LANES
-            for p in range(KP2):
-                sc = (e * G + p // group_pairs) * Np + (nb0 + b) * LANES
-                vstore(panel, (b * KP2 + p) * LANES, _decode(flat, at + p * LANES, scales, zeros, sc))
+            for g in range(G):                          # K is whole groups: G * group_pairs == KP2
+                zero, scale = _group_scales(codes, scales, zeros, ((e * NB + nb0 + b) * G + g) * LANES)
+                for p in range(g * group_pairs, (g + 1) * group_pairs):
+                    vstore(panel, (b * KP2 + p) * LANES, _decode(route, flat, at + p * LANES, zero, scale))
         return panel, 0
     return impl
 
 
-def _pairs8(codes, flat, scales, zeros, group_pairs, e, nb, p, tmp):
+def _pairs8(route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp):
     """(array, offset) of the 8 vectors of pairs ``p .. p + 7`` of block ``nb``: in place
     for bf16, else decoded into ``tmp`` [128] uint32."""
 
 
 @overload(_pairs8, jit_options=JIT)
-def _pairs8_format(codes, flat, scales, zeros, group_pairs, e, nb, p, tmp):
+def _pairs8_format(route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp):
     if codes.dtype == types.uint32:
-        return lambda codes, flat, scales, zeros, group_pairs, e, nb, p, tmp: \
+        return lambda route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp: \
             (flat, ((e * codes.shape[1] + nb) * codes.shape[2] + p) * LANES)
 
-    def impl(codes, flat, scales, zeros, group_pairs, e, nb, p, tmp):
-        G, Np = scales.shape[1], scales.shape[2]
+    def impl(route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp):
+        G = scales.shape[2]
         at = ((e * codes.shape[1] + nb) * codes.shape[2] + p) * LANES
-        sc = (e * G + p // group_pairs) * Np + nb * LANES          # 8 pairs lie in one group
-        for i in range(8):
-            vstore(tmp, i * LANES, _decode(flat, at + i * LANES, scales, zeros, sc))
+        zero, scale = _group_scales(codes, scales, zeros, ((e * codes.shape[1] + nb) * G + p // group_pairs) * LANES)
+        for i in range(8):                                          # 8 pairs lie in one group
+            vstore(tmp, i * LANES, _decode(route, flat, at + i * LANES, zero, scale))
         return tmp, 0
     return impl
 
 
 @njit(**JIT)
-def _backward_panel(codes, flat, scales, zeros, group_pairs, e, p0, panel, tmp):
+def _backward_panel(route, codes, flat, scales, zeros, group_pairs, e, p0, panel, tmp):
     """``panel`` [2 * Np/2 * 16] uint32 := the VNNI layout of ``W[e]^T`` for the 32 output
     columns ``2 p0 .. 2 p0 + 31``: block b, pair q, lane j holds ``(W[2q, 2 p0 + 16 b + j],
     W[2q + 1, ...])``, each 16 x 16 block turned by ``vtranspose8``."""
-    NB = codes.shape[1]
+    NB, KP2 = codes.shape[1], codes.shape[2]
     q_pairs = NB * 8
+    line = 64 // flat.itemsize
     for nb in range(NB):
+        # blocks nb sit a whole block of K pairs apart: fetch the one PREFETCH_BLOCKS ahead
+        ahead = ((e * NB + min(nb + PREFETCH_BLOCKS, NB - 1)) * KP2 + p0) * LANES
+        for i in range(0, 16 * LANES, line):
+            prefetch(flat, ahead + i)
         for b in range(2):
-            src, at = _pairs8(codes, flat, scales, zeros, group_pairs, e, nb, p0 + 8 * b, tmp)
+            src, at = _pairs8(route, codes, flat, scales, zeros, group_pairs, e, nb, p0 + 8 * b, tmp)
             vtranspose8(src, at, panel, (b * q_pairs + 8 * nb) * LANES)
 
 
 SCRATCH = MR_AMX * TILE_N          # words of a thread's AMX block results (float32)
+# Backward panels: prefetch distance in 16-row blocks. Zen 4, 2 threads, 128 experts x 1
+# row, W^T of [1536, 2048] bf16: 77 ms without prefetch, 50 with 2 or 4 blocks, 48 with 8.
+PREFETCH_BLOCKS = 4
 TMP = 8 * LANES                    # words of 8 decoded vectors
 _SCRATCH = [np.zeros((0, 0), np.uint32)]
 
@@ -405,10 +429,10 @@ def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed,
             l0 = (n0 // group_n) * R
             last = offsets[e + 1] - 1
             if transposed:
-                _backward_panel(codes, flat, scales, zeros, group_pairs, e, n0 // 2, panel, tmp)
+                _backward_panel(route, codes, flat, scales, zeros, group_pairs, e, n0 // 2, panel, tmp)
                 src, w0 = panel, 0
             else:
-                src, w0 = _forward_panel(codes, flat, scales, zeros, group_pairs, e, n0 // LANES, panel)
+                src, w0 = _forward_panel(route, codes, flat, scales, zeros, group_pairs, e, n0 // LANES, panel)
             for m in range(offsets[e], last + 1, block_rows(route)):
                 _block(route, a, m, last, src, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, results)
 
@@ -425,9 +449,9 @@ def grouped_gemm(route, a, w, offsets, slot_of_expert, lora_l, lora_r, group_n, 
     """
     route.require()
     NB, KP2 = w.codes.shape[1], w.codes.shape[2]
-    k2, out_cols = (NB * 8, 2 * KP2) if transposed else (KP2, NB * LANES)
+    k2, tiles = (NB * 8, 2 * KP2 // TILE_N) if transposed else (KP2, NB * LANES // TILE_N)
     scratch = thread_scratch(SCRATCH + TMP + 2 * k2 * LANES)
-    tasks, bounds = make_tasks(offsets, slot_of_expert, out_cols // TILE_N, scratch.shape[0])
+    tasks, bounds = make_tasks(offsets, slot_of_expert, tiles, scratch.shape[0])
     _grouped_gemm(route, a, w.codes, w.codes.reshape(-1), w.scales, w.zeros, w.group_pairs, transposed, offsets,
                   slot_of_expert, tasks, bounds, lora_l, lora_r, group_n, scale, out32, out16, scratch)
 
@@ -445,8 +469,8 @@ def pack_pairs(src, out, block0):
 
 
 _CODE_DTYPE = {"bf16": np.uint32, "int8": np.uint16, "int4_awq": np.uint8, "int4_k2": np.uint8}
-_NO_SCALES = np.zeros((0, 1, 1), np.float32)
-_NO_ZEROS = np.zeros((0, 1, 1), np.uint8)
+_NO_SCALES = np.zeros((0, 1, 1, LANES), np.float32)
+_NO_ZEROS = np.zeros((0, 1, 1, LANES), np.uint8)
 
 
 class PackedWeight:
@@ -468,26 +492,35 @@ class PackedWeight:
         self.codes = np.zeros((E, Np // LANES, Kp // 2, LANES), _CODE_DTYPE[fmt])
         self.scales, self.zeros, self.group_pairs = _NO_SCALES, _NO_ZEROS, Kp // 2
         if fmt == "int8":
-            self.scales = np.zeros((E, 1, Np), np.float32)
+            self.scales = np.zeros((E, Np // LANES, 1, LANES), np.float32)
         elif fmt != "bf16":
             g = parts[0].group_size
             self.group_pairs = g // 2
-            self.scales = np.zeros((E, Kp // g, Np), np.float32 if fmt == "int4_awq" else np.uint16)
+            self.scales = np.zeros((E, Np // LANES, Kp // g, LANES), np.float32 if fmt == "int4_awq" else np.uint16)
             if fmt == "int4_awq":
-                self.zeros = np.zeros((E, Kp // g, Np), np.uint8)
+                self.zeros = np.zeros((E, Np // LANES, Kp // g, LANES), np.uint8)
         buf = np.zeros((max(p.shape[1] for p in parts), Kp), np.uint16 if fmt == "bf16" else np.uint8)
         col = 0
         for part, height in zip(parts, heights):
             N = part.shape[1]
             for e in range(E):
                 pack_pairs(self._pairs(part, e, buf[:N]), self.codes[e], col // LANES)
-                if fmt == "int8":
-                    self.scales[e, 0, col:col + N] = part.scales[e]
-                elif fmt != "bf16":
-                    self.scales[e, :, col:col + N] = np.asarray(part.scales[e]).view(self.scales.dtype).T
-                    if fmt == "int4_awq":
-                        self.zeros[e, :, col:col + N] = part.zeros[e].T
+                if fmt != "bf16":
+                    self._store_groups(self.scales, e, col, part.scales[e])
+                if fmt == "int4_awq":
+                    self._store_groups(self.zeros, e, col, part.zeros[e])
             col += height
+
+    @staticmethod
+    def _store_groups(out, e, col, values):
+        """values [N, groups] (int8: [N]) into ``out [E, Np/16, groups, 16]`` at rows
+        ``col .. col + N`` of expert ``e``: block-major, so a panel reads its groups in
+        one stream."""
+        values = np.asarray(values).reshape(values.shape[0], -1).view(out.dtype)
+        N, G = values.shape
+        rows = np.zeros((-(-N // LANES) * LANES, G), out.dtype)
+        rows[:N] = values
+        out[e, col // LANES:col // LANES + rows.shape[0] // LANES] = rows.reshape(-1, LANES, G).transpose(0, 2, 1)
 
     def _pairs(self, part, e, buf):
         """Expert ``e`` of ``part`` as pairs [N, Kp/2] along K (bf16 and int8 through ``buf``

@@ -416,24 +416,54 @@ def vdequant(typingctx, codes, i, zero, scale):
     nibble first: unsigned 0..15); zero ``u32x16`` (ignored for int8); scale ``f32x16``.
     ``(q - z) * s`` is one float32 multiply of an exact integer, then one rounding.
     """
-    if not (isinstance(codes, types.Array) and codes.layout == "C" and codes.dtype in _CODE_PAIRS
-            and isinstance(i, types.Integer) and zero == u32x16 and scale == f32x16):
+    if not is_code_pairs(codes, i, zero, scale):
         return None
-    vec_ty, bits = _CODE_PAIRS[codes.dtype]
 
     def codegen(context, builder, sig, args):
-        ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], vec_ty)
-        wide = builder.zext(builder.load(ptr, align=1), LLVM_I32X16)
-        if bits == 8:                                   # int8 pairs: sign-extend each byte
-            lo = builder.ashr(builder.shl(wide, _const_i32x16(24)), _const_i32x16(24))
-            hi = builder.ashr(builder.shl(wide, _const_i32x16(16)), _const_i32x16(24))
-        else:                                           # nibble pairs, minus the zero point
-            lo = builder.sub(builder.and_(wide, _const_i32x16(15)), args[2])
-            hi = builder.sub(builder.lshr(wide, _const_i32x16(4)), args[2])
-        lo = _round_to_bf16_bits(builder, builder.fmul(builder.sitofp(lo, LLVM_F32X16), args[3]))
-        hi = _round_to_bf16_bits(builder, builder.fmul(builder.sitofp(hi, LLVM_F32X16), args[3]))
+        lo, hi = dequant_lanes(context, builder, sig, args)
+        lo, hi = _round_to_bf16_bits(builder, lo), _round_to_bf16_bits(builder, hi)
         return builder.or_(lo, builder.shl(hi, _const_i32x16(16)))
     return u32x16(codes, i, zero, scale), codegen
+
+
+def is_code_pairs(codes, i, zero, scale):
+    """The argument types ``vdequant`` (and its x86 twin in ``isa``) accept."""
+    return (isinstance(codes, types.Array) and codes.layout == "C" and codes.dtype in _CODE_PAIRS
+            and isinstance(i, types.Integer) and zero == u32x16 and scale == f32x16)
+
+
+def dequant_lanes(context, builder, sig, args):
+    """The float32 ``(lo - zero) * scale`` and ``(hi - zero) * scale`` of ``vdequant``'s
+    arguments, before rounding (LLVM IR values)."""
+    vec_ty, bits = _CODE_PAIRS[sig.args[0].dtype]
+    ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], vec_ty)
+    wide = builder.zext(builder.load(ptr, align=1), LLVM_I32X16)
+    if bits == 8:                                   # int8 pairs: sign-extend each byte
+        lo = builder.ashr(builder.shl(wide, _const_i32x16(24)), _const_i32x16(24))
+        hi = builder.ashr(builder.shl(wide, _const_i32x16(16)), _const_i32x16(24))
+    else:                                           # nibble pairs, minus the zero point
+        lo = builder.sub(builder.and_(wide, _const_i32x16(15)), args[2])
+        hi = builder.sub(builder.lshr(wide, _const_i32x16(4)), args[2])
+    return (builder.fmul(builder.sitofp(lo, LLVM_F32X16), args[3]),
+            builder.fmul(builder.sitofp(hi, LLVM_F32X16), args[3]))
+
+
+@intrinsic
+def prefetch(typingctx, arr, i):
+    """Hint the cache line holding ``arr.flat[i]`` into all cache levels (``llvm.prefetch``,
+    read, high locality): strided panel reads the hardware prefetchers do not follow."""
+    if not (isinstance(arr, types.Array) and arr.layout == "C" and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.bitcast(lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _I8),
+                              ir.IntType(8).as_pointer())
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]),
+            "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+    return types.none(arr, i), codegen
 
 
 @intrinsic
