@@ -103,7 +103,7 @@ def _dequant(codes, zeros, scales, out, bf16_route):
 @pytest.mark.parametrize("code_dtype", [np.uint16, np.uint8])
 @pytest.mark.parametrize("bf16_route", [False, True])
 def test_dequant_rounds_once_to_nearest_even(code_dtype, bf16_route):
-    # every int8 pair (signed bytes) or every nibble pair with every zero point, times
+    # every int8 pair (signed bytes) or random nibble pairs with every zero point, times
     # scales of every magnitude: bf16((q - z) * s) in both halves, the bits of ml_dtypes'
     # rounding; the x86 twin (one vcvtne2ps2bf16) gives the same bits
     if bf16_route and "avx512_bf16" not in RUNNABLE:
@@ -117,8 +117,10 @@ def test_dequant_rounds_once_to_nearest_even(code_dtype, bf16_route):
     _dequant(codes, zeros, scales, out, bf16_route)
     if code_dtype == np.uint16:
         lo, hi = codes.view(np.uint8)[0::2].view(np.int8), codes.view(np.uint8)[1::2].view(np.int8)
-    else:
-        lo, hi = codes & 15, codes >> 4
+    else:   # per 16 bytes: low nibbles hold lanes 0..7 as (lo, hi) pairs, high nibbles lanes 8..15
+        vec = codes.reshape(-1, 8, 2)
+        lo = np.concatenate([vec[..., 0] & 15, vec[..., 0] >> 4], axis=1).ravel()
+        hi = np.concatenate([vec[..., 1] & 15, vec[..., 1] >> 4], axis=1).ravel()
     for half, q in ((out & 0xFFFF, lo), (out >> 16, hi)):
         want = ((q.astype(np.float32) - zeros.astype(np.float32)) * scales).astype(ml_dtypes.bfloat16)
         assert np.array_equal(half.astype(np.uint16), want.view(np.uint16))

@@ -23,9 +23,12 @@ format   codes        scales [E, Np/16, groups, 16]     weight the kernels multi
 ======== ============ ================================= ==============================
 bf16     uint32       (none)                            the bf16 pair itself
 int8     uint16       float32, one group                bf16(q * s)
-int4_awq uint8        float32, Kp/g; zeros u8 alike     bf16((q - z) * s)
-int4_k2  uint8        bf16, Kp/g groups                 bf16((q - 8) * s)
+int4_awq uint8 (*)    float32, Kp/g; zeros u8 alike     bf16((q - z) * s)
+int4_k2  uint8 (*)    bf16, Kp/g groups                 bf16((q - 8) * s)
 ======== ============ ================================= ==============================
+
+(*) the 32 nibbles of a 16-lane pair vector in the order ``simd.vdequant`` reads:
+lanes 0..7 in the low nibbles, lanes 8..15 in the high ones (``PackedWeight._nibble_order``).
 
 ``Np``, ``Kp`` are ``N``, ``K`` rounded up to ``PAD``; pad codes and scales are zero, and
 activation pad columns must be zero too (0 * NaN would poison a sum).
@@ -505,6 +508,8 @@ class PackedWeight:
             N = part.shape[1]
             for e in range(E):
                 pack_pairs(self._pairs(part, e, buf[:N]), self.codes[e], col // LANES)
+                if fmt.startswith("int4"):
+                    self.codes[e] = self._nibble_order(self.codes[e])
                 if fmt != "bf16":
                     self._store_groups(self.scales, e, col, part.scales[e])
                 if fmt == "int4_awq":
@@ -521,6 +526,15 @@ class PackedWeight:
         rows = np.zeros((-(-N // LANES) * LANES, G), out.dtype)
         rows[:N] = values
         out[e, col // LANES:col // LANES + rows.shape[0] // LANES] = rows.reshape(-1, LANES, G).transpose(0, 2, 1)
+
+    @staticmethod
+    def _nibble_order(pairs):
+        """Standard nibble pairs [..., 16 lanes] (byte j = lo | hi << 4 of lane j) into the
+        order ``simd.vdequant`` reads: byte d = nibble d % 2 of lane d // 2, with that of
+        lane 8 + d // 2 in the high nibble."""
+        halves = np.stack([pairs & 15, pairs >> 4], axis=-1)               # [..., lane, lo/hi]
+        low, high = halves[..., :8, :].reshape(pairs.shape), halves[..., 8:, :].reshape(pairs.shape)
+        return (low | (high << 4)).astype(np.uint8)
 
     def _pairs(self, part, e, buf):
         """Expert ``e`` of ``part`` as pairs [N, Kp/2] along K (bf16 and int8 through ``buf``

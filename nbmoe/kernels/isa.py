@@ -29,9 +29,8 @@ Intrinsics (llvmlite has no ``bfloat`` or ``x86_amx`` type: ``_Named`` prints on
 - ``vdpbf16(acc, a, b)``: ``llvm.x86.avx512bf16.dpbf16ps.512``, lane j:
   ``acc[j] + a.lo[j] b.lo[j] + a.hi[j] b.hi[j]`` on bf16 pairs.
 - ``vdequant_bf16``: ``simd.vdequant`` with both roundings in one
-  ``vcvtne2ps2bf16`` (``llvm.x86.avx512bf16.cvtne2ps2bf16.512``) and the halves
-  interleaved into pairs by one ``vpermw``: 2 instructions where the portable integer
-  rounding takes 12; the same round-to-nearest-even bits.
+  ``vcvtne2ps2bf16`` (``llvm.x86.avx512bf16.cvtne2ps2bf16.512``): 1 instruction where
+  the portable integer rounding takes 10; the same round-to-nearest-even bits.
 - AMX tiles travel through Numba as ``<256 x i32>`` vectors (a 1 KiB tile), cast to
   ``x86_amx`` around each ``llvm.x86.*.internal`` intrinsic, as clang's ``__tile1024i``
   does; LLVM's AMX passes keep them in tile registers and emit ``ldtilecfg``. Every tile
@@ -241,22 +240,17 @@ def vdpbf16(typingctx, acc, a, b):
     return f32x16(acc, a, b), codegen
 
 
-_PAIR_HALVES = ir.Constant(ir.VectorType(ir.IntType(32), 32), [i // 2 + 16 * (i % 2) for i in range(32)])
-
-
 @intrinsic
 def vdequant_bf16(typingctx, codes, i, zero, scale):
-    """``simd.vdequant`` on CPUs with AVX512_BF16: the same bf16 pairs, rounded by
-    ``vcvtne2ps2bf16`` (lo in words 0..15, hi in 16..31) and interleaved by a shuffle."""
+    """``simd.vdequant`` on CPUs with AVX512_BF16: the same bf16 pairs, both halves rounded
+    by one ``vcvtne2ps2bf16`` (its low 16 words from the second operand)."""
     if not is_code_pairs(codes, i, zero, scale):
         return None
 
     def codegen(context, builder, sig, args):
-        lo, hi = dequant_lanes(context, builder, sig, args)
+        first, second = dequant_lanes(context, builder, sig, args)
         fn = _declare(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", _BF16X32, [LLVM_F32X16, LLVM_F32X16])
-        halves = builder.bitcast(builder.call(fn, [hi, lo]), ir.VectorType(_I16, 32))
-        pairs = builder.shuffle_vector(halves, halves, _PAIR_HALVES)
-        return builder.bitcast(pairs, ir.VectorType(ir.IntType(32), 16))
+        return builder.bitcast(builder.call(fn, [second, first]), ir.VectorType(ir.IntType(32), 16))
     return u32x16(codes, i, zero, scale), codegen
 
 

@@ -410,19 +410,24 @@ def _round_to_bf16_bits(builder, value):
 @intrinsic
 def vdequant(typingctx, codes, i, zero, scale):
     """16 lanes of quantized pairs at ``codes.flat[i:i+16]`` as VNNI bf16 pairs:
-    lane j = ``bf16((lo - zero[j]) * scale[j]) | bf16((hi - zero[j]) * scale[j]) << 16``.
+    lane j = ``bf16((lo_j - zero[j]) * scale[j]) | bf16((hi_j - zero[j]) * scale[j]) << 16``.
 
-    codes uint16 (two int8 codes, low byte first: signed) or uint8 (two 4-bit codes, low
-    nibble first: unsigned 0..15); zero ``u32x16`` (ignored for int8); scale ``f32x16``.
-    ``(q - z) * s`` is one float32 multiply of an exact integer, then one rounding.
+    codes uint16: lane j's two int8 codes (lo first; signed), 32 bytes in lane order.
+    codes uint8: 16 bytes of nibbles, lane-pair order: byte d holds ``(lo|hi of lane d//2)``
+    (``d % 2`` picks lo or hi) in its low nibble and the same of lane ``8 + d//2`` in its
+    high nibble (unsigned 0..15) - so the low nibbles are lanes 0..7 in pair order, the
+    high nibbles lanes 8..15, and the rounded halves concatenate into pairs with no
+    shuffle. zero ``u32x16`` (ignored for int8); scale ``f32x16``. ``(q - z) * s`` is one
+    float32 multiply of an exact integer, then one rounding.
     """
     if not is_code_pairs(codes, i, zero, scale):
         return None
 
     def codegen(context, builder, sig, args):
-        lo, hi = dequant_lanes(context, builder, sig, args)
-        lo, hi = _round_to_bf16_bits(builder, lo), _round_to_bf16_bits(builder, hi)
-        return builder.or_(lo, builder.shl(hi, _const_i32x16(16)))
+        first, second = dequant_lanes(context, builder, sig, args)
+        halves = [builder.trunc(_round_to_bf16_bits(builder, v), _I16X16) for v in (first, second)]
+        pairs = builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+        return builder.bitcast(pairs, LLVM_I32X16)
     return u32x16(codes, i, zero, scale), codegen
 
 
@@ -432,20 +437,32 @@ def is_code_pairs(codes, i, zero, scale):
             and isinstance(i, types.Integer) and zero == u32x16 and scale == f32x16)
 
 
+_LANES_0_7 = ir.Constant(ir.VectorType(_I32, LANES), [j // 2 for j in range(LANES)])
+_LANES_8_15 = ir.Constant(ir.VectorType(_I32, LANES), [8 + j // 2 for j in range(LANES)])
+
+
 def dequant_lanes(context, builder, sig, args):
-    """The float32 ``(lo - zero) * scale`` and ``(hi - zero) * scale`` of ``vdequant``'s
-    arguments, before rounding (LLVM IR values)."""
+    """``vdequant``'s float32 values before rounding, as two ``<16 x float>``: the pairs of
+    lanes 0..7 (lo, hi, lo, hi, ...) and of lanes 8..15 (LLVM IR values)."""
     vec_ty, bits = _CODE_PAIRS[sig.args[0].dtype]
-    ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], vec_ty)
-    wide = builder.zext(builder.load(ptr, align=1), LLVM_I32X16)
-    if bits == 8:                                   # int8 pairs: sign-extend each byte
-        lo = builder.ashr(builder.shl(wide, _const_i32x16(24)), _const_i32x16(24))
-        hi = builder.ashr(builder.shl(wide, _const_i32x16(16)), _const_i32x16(24))
-    else:                                           # nibble pairs, minus the zero point
-        lo = builder.sub(builder.and_(wide, _const_i32x16(15)), args[2])
-        hi = builder.sub(builder.lshr(wide, _const_i32x16(4)), args[2])
-    return (builder.fmul(builder.sitofp(lo, LLVM_F32X16), args[3]),
-            builder.fmul(builder.sitofp(hi, LLVM_F32X16), args[3]))
+    bytes16 = ir.VectorType(_I8, LANES)
+    at = context.cast(builder, args[1], sig.args[1], types.intp)
+    if bits == 8:                                   # int8: 32 signed bytes in lane order
+        ptr = lane_ptr(context, builder, sig.args[0], args[0], types.intp, at, bytes16)
+        upper = lane_ptr(context, builder, sig.args[0], args[0], types.intp,
+                         builder.add(at, ir.Constant(at.type, 8)), bytes16)
+        first = builder.sext(builder.load(ptr, align=1), LLVM_I32X16)
+        second = builder.sext(builder.load(upper, align=1), LLVM_I32X16)
+    else:                                           # nibbles: low = lanes 0..7, high = 8..15
+        ptr = lane_ptr(context, builder, sig.args[0], args[0], types.intp, at, bytes16)
+        wide = builder.zext(builder.load(ptr, align=1), LLVM_I32X16)
+        first = builder.sub(builder.and_(wide, _const_i32x16(15)),
+                            builder.shuffle_vector(args[2], args[2], _LANES_0_7))
+        second = builder.sub(builder.lshr(wide, _const_i32x16(4)),
+                             builder.shuffle_vector(args[2], args[2], _LANES_8_15))
+    scale = args[3]
+    return (builder.fmul(builder.sitofp(first, LLVM_F32X16), builder.shuffle_vector(scale, scale, _LANES_0_7)),
+            builder.fmul(builder.sitofp(second, LLVM_F32X16), builder.shuffle_vector(scale, scale, _LANES_8_15)))
 
 
 @intrinsic
