@@ -509,7 +509,8 @@ class PackedWeight:
             for e in range(E):
                 pack_pairs(self._pairs(part, e, buf[:N]), self.codes[e], col // LANES)
                 if fmt.startswith("int4"):
-                    self.codes[e] = self._nibble_order(self.codes[e])
+                    mine = self.codes[e, col // LANES:(col + height) // LANES]
+                    mine[:] = self._nibble_order(mine)
                 if fmt != "bf16":
                     self._store_groups(self.scales, e, col, part.scales[e])
                 if fmt == "int4_awq":
