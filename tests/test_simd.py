@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
+from nbmoe.kernels import isa
 from nbmoe.kernels.isa import vdequant_bf16
 from nbmoe.kernels.simd import (bf16_to_f32, f32_to_bf16, vdequant, vfma, vhsum, vload, vload_bf16, vload_u8,
                                 vpair_hi, vpair_lo, vsplat, vstore, vstore_bf16, vtranspose8, vzero)
-from conftest import RUNNABLE
 
 
 @njit
@@ -106,7 +106,7 @@ def test_dequant_rounds_once_to_nearest_even(code_dtype, bf16_route):
     # every int8 pair (signed bytes) or random nibble pairs with every zero point, times
     # scales of every magnitude: bf16((q - z) * s) in both halves, the bits of ml_dtypes'
     # rounding; the x86 twin (one vcvtne2ps2bf16) gives the same bits
-    if bf16_route and "avx512_bf16" not in RUNNABLE:
+    if bf16_route and "avx512_bf16" not in isa.runnable():
         pytest.skip("vcvtne2ps2bf16 needs AVX512_BF16, which this CPU lacks (the portable twin is tested)")
     rng = np.random.default_rng(int(code_dtype().itemsize) + 2 * bf16_route)
     n = 1 << 16

@@ -66,7 +66,7 @@ from ..config import JIT, JIT_PARALLEL
 from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdequant_bf16, vdpbf16
 from .schedule import balanced
 from .simd import (LANES, f32_from_bits, prefetch, vdequant, vfma, vfma2, vload, vload_bf16, vload_u8, vpair_hi, vpair_lo,
-                   vsplat, vsplat_pair, vsplat_u32, vstore, vstore_bf16, vtranspose8, vzero)
+                   vsplat, vsplat_pair, vstore, vstore_bf16, vtranspose8, vzero)
 
 PAD = 32          # N and K padding: two vectors of output, one AMX tile of K
 TILE_N = 32       # output columns per work item (two 16-lane vectors, two AMX tiles)
@@ -310,12 +310,12 @@ def _group_scales(codes, scales, zeros, sc):
 @overload(_group_scales, jit_options=JIT)
 def _group_scales_format(codes, scales, zeros, sc):
     if codes.dtype == types.uint32:
-        return lambda codes, scales, zeros, sc: (vsplat_u32(0), vzero())
+        return lambda codes, scales, zeros, sc: (vsplat_pair(0), vzero())
     if codes.dtype == types.uint16:
-        return lambda codes, scales, zeros, sc: (vsplat_u32(0), vload(scales, sc))
+        return lambda codes, scales, zeros, sc: (vsplat_pair(0), vload(scales, sc))
     if scales.dtype == types.float32:
         return lambda codes, scales, zeros, sc: (vload_u8(zeros, sc), vload(scales, sc))
-    return lambda codes, scales, zeros, sc: (vsplat_u32(8), vload_bf16(scales, sc))
+    return lambda codes, scales, zeros, sc: (vsplat_pair(8), vload_bf16(scales, sc))
 
 
 def _decode(route, codes, at, zero, scale):

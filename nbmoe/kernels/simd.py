@@ -114,7 +114,7 @@ _VECTOR_OF = {types.float32: (f32x16, LLVM_F32X16), types.uint32: (u32x16, LLVM_
 
 @intrinsic
 def vsplat_pair(typingctx, x):
-    """Broadcast one uint32 (a bf16 pair) to all 16 lanes of a ``u32x16``."""
+    """Broadcast one uint32 (a bf16 pair, a zero point) to all 16 lanes of a ``u32x16``."""
     if not isinstance(x, types.Integer):
         return None
 
@@ -493,17 +493,6 @@ def vload_u8(typingctx, arr, i):
         ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.VectorType(_I8, LANES))
         return builder.zext(builder.load(ptr, align=1), LLVM_I32X16)
     return u32x16(arr, i), codegen
-
-
-@intrinsic
-def vsplat_u32(typingctx, x):
-    """Broadcast an integer to the 16 lanes of a ``u32x16`` (a zero point, a bias)."""
-    if not isinstance(x, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return _splat(builder, LLVM_I32X16, context.cast(builder, args[0], sig.args[0], types.uint32))
-    return u32x16(x), codegen
 
 
 def _transpose8_masks():
