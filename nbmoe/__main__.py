@@ -5,6 +5,7 @@ run    the main job: a Qwen3-30B-A3B-shaped MoE LoRA layer (E=128, k=8, H=2048, 
        backward steps; prints the route, time per step, GFLOP/s and a check of sampled
        tokens against the float64 reference. Every size is a flag.
 info   nbmoe.info(): CPU features, kernel route, threading layer.
+memory resident memory of a multi-layer training step, against the bytes the code says it holds.
 bench  nbmoe against PyTorch eager (same process, same threads) across T, with the
        fraction of this machine's measured roofline; uniform or Zipf-skewed routing.
 finetune  LoRA fine-tuning of a tiny Qwen3-MoE (built from a config, no download) on a
@@ -171,6 +172,25 @@ def cmd_bench(args):
     return 0
 
 
+def cmd_memory(args):
+    _header()
+    E, k, H, I, r, T, n = args.E, args.k, args.H, args.I, args.r, args.T, args.layers
+    print(f"{n} layers: E={E} k={k} H={H} I={I} r={r}, T={T}; every forward saved, then backward in reverse")
+    got = bench.memory_step(n, E, k, H, I, r, T)
+    gib = 2.0 ** -30
+    per_token = bench.saved_bytes_per_token(H, I, r, k)
+    print(f"stored weights {got['weights'] * gib:.2f} GiB (resident before the step, not counted below)")
+    print(f"expected: saved {got['saved'] * gib:.2f} GiB ({per_token} bytes per token per layer) + shared "
+          f"scratch {got['scratch'] * gib:.2f} GiB = {(got['saved'] + got['scratch']) * gib:.2f} GiB")
+    for i, (fwd, step) in enumerate(zip(got["after_forwards"], got["after_step"])):
+        print(f"step {i + 1}: resident growth after the forwards {fwd * gib:.2f} GiB, after the step {step * gib:.2f} GiB")
+    saved_per_layer = got["saved"] / n
+    projected = args.project * saved_per_layer + got["scratch"]
+    print(f"projected to {args.project} layers: saved {args.project * saved_per_layer * gib:.1f} GiB + scratch "
+          f"{got['scratch'] * gib:.2f} GiB = {projected * gib:.1f} GiB")
+    return 0
+
+
 def _needs(*modules):
     """None if importable, else the message saying how to install them."""
     import importlib.util
@@ -237,6 +257,11 @@ def main(argv=None):
                               help="base-weight formats, side by side (ratios against bf16 when listed)")
     bench_parser.add_argument("--group-size", type=int, default=None,
                               help="int4 group (default: 32 for int4_k2, 128 for int4_awq)")
+    mem = sub.add_parser("memory", help="resident memory of a multi-layer training step")
+    mem.add_argument("--layers", type=int, default=4)
+    for flag, default in (("-E", 8), ("-k", 8), ("-H", 2048), ("-I", 768), ("-r", 16), ("-T", 4096)):
+        mem.add_argument(flag, type=int, default=default)
+    mem.add_argument("--project", type=int, default=48, help="layers of the model to project to (Qwen3-30B-A3B: 48)")
     tune = sub.add_parser("finetune", help="LoRA fine-tuning of a tiny Qwen3-MoE on nbmoe")
     tune.add_argument("--steps", type=int, default=60)
     tune.add_argument("--batch", type=int, default=8)
@@ -255,7 +280,8 @@ def main(argv=None):
     if problem:
         print(f"python -m nbmoe {args.command}: {problem}", file=sys.stderr)
         return 2
-    return {"run": cmd_run, "info": cmd_info, "bench": cmd_bench, "finetune": cmd_finetune}[args.command](args)
+    return {"run": cmd_run, "info": cmd_info, "bench": cmd_bench, "memory": cmd_memory,
+            "finetune": cmd_finetune}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ same routing, uniform or Zipf-skewed (``routing``). torch is imported only by th
 functions that need it.
 """
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -239,6 +240,58 @@ def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None, skew=Non
                             eager_times[1], fwd_flop, fwd_flop + bwd_flop, nbytes, 2 * nbytes, fmt,
                             layer.packed_nbytes))
     return layers[formats[0]], rows
+
+
+def resident_bytes():
+    """This process's resident memory now (Linux ``/proc/self/statm``), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def saved_bytes_per_token(H, I, r, k):
+    """Bytes one saved forward keeps per token (``ForwardCache``: x, routing, gu, h, d,
+    xa_gu, xa_d), without its fixed per-expert routing arrays."""
+    Hp, Ip = padded(H), padded(I)
+    per_token = 2 * H + k * (8 + 4 + 8)                       # x; topk_ids, topk_weights, rows
+    per_pair = 8 + 8 + 2 * 2 * Ip + 2 * Ip + 2 * Hp + 4 * 2 * r + 4 * r   # order, row_slot, gu, h, d, xa
+    return per_token + k * per_pair
+
+
+def memory_step(layers=4, E=8, k=8, H=2048, I=768, r=16, T=4096, steps=2, seed=0):
+    """A training step of ``layers`` MoE layers at T tokens (every forward saved, then every
+    backward in reverse), ``steps`` times: resident growth over the weights after the
+    forwards and after each step, against what the code says it holds (saved slots and
+    the shared scratch). Returns a dict of bytes."""
+    from .scratch import SHARED
+
+    rng = np.random.default_rng(seed)
+    stack = []
+    for i in range(layers):
+        gate, up, down, lora = layer_weights(E, H, I, r, seed + i)
+        stack.append(MoELayer(gate, up, down, lora=lora, max_tokens=T))
+    ids = np.argsort(rng.random((T, E)), axis=1)[:, :k].astype(np.int64)
+    weights = rng.dirichlet(np.ones(k), size=T).astype(np.float32)
+    x, grad_y = activations(T, H, seed)
+    for layer in stack:                                   # compile, size k; small: commits little
+        layer.forward(x[:1], ids[:1], weights[:1], save_for_backward=True)
+        layer.backward(grad_y[:1])
+    base = resident_bytes()
+    out = {"weights": sum(layer.packed_nbytes for layer in stack), "after_forwards": [], "after_step": []}
+    for _ in range(steps):
+        held = x
+        for layer in stack:
+            held = layer.forward(held, ids, weights, save_for_backward=True)
+        out["after_forwards"].append(resident_bytes() - base)
+        g = grad_y
+        for layer in reversed(stack):
+            g = layer.backward(g).input
+        out["after_step"].append(resident_bytes() - base)
+    out["saved"] = layers * saved_bytes_per_token(H, I, r, k) * T
+    out["scratch"] = SHARED.nbytes
+    return out
 
 
 def single_gemm(route, M=512, K=2048, N=1536, repeat=20):

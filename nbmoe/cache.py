@@ -33,27 +33,30 @@ class CacheEmptyError(RuntimeError):
 class ForwardCache:
     """One forward's saved tensors, sized for ``tokens`` tokens of ``k`` slots."""
 
-    def __init__(self, E, H, I, r, tokens, k):
+    def __init__(self, E, H, I, r, tokens, k, alloc=None):
+        """``alloc(name, shape, dtype)``: where the arrays live (default: new zeroed arrays,
+        a saved slot's own; ``nbmoe.scratch`` for a forward that saves nothing)."""
+        alloc = alloc or (lambda name, shape, dtype: np.zeros(shape, dtype))
         pairs = tokens * k
         Hp, Ip = padded(H), padded(I)
         self.T = 0
         self.P = 0
         self.n_active = 0
         self.tag = -1
-        self.x = np.zeros((tokens, H), np.uint16)
-        self.topk_ids = np.zeros((tokens, k), np.int64)
-        self.topk_weights = np.zeros((tokens, k), np.float32)
-        self.rows = np.zeros((tokens, k), np.int64)
-        self.offsets = np.zeros(E + 1, np.int64)
-        self.order = np.zeros(pairs, np.int64)
-        self.row_slot = np.zeros(pairs, np.int64)
-        self.slot_of_expert = np.zeros(E, np.int64)
-        self.active = np.zeros(E, np.int64)
-        self.gu = np.zeros((pairs, 2 * Ip), np.uint16)
-        self.h = np.zeros((pairs + ROW_SLACK, Ip), np.uint16)     # an A operand: whole tiles are read
-        self.d = np.zeros((pairs, Hp), np.uint16)
-        self.xa_gu = np.zeros((pairs, 2 * r), np.float32)
-        self.xa_d = np.zeros((pairs, r), np.float32)
+        self.x = alloc("x", (tokens, H), np.uint16)
+        self.topk_ids = alloc("topk_ids", (tokens, k), np.int64)
+        self.topk_weights = alloc("topk_weights", (tokens, k), np.float32)
+        self.rows = alloc("rows", (tokens, k), np.int64)
+        self.offsets = alloc("offsets", (E + 1,), np.int64)
+        self.order = alloc("order", (pairs,), np.int64)
+        self.row_slot = alloc("row_slot", (pairs,), np.int64)
+        self.slot_of_expert = alloc("slot_of_expert", (E,), np.int64)
+        self.active = alloc("active", (E,), np.int64)
+        self.gu = alloc("gu", (pairs, 2 * Ip), np.uint16)
+        self.h = alloc("h", (pairs + ROW_SLACK, Ip), np.uint16)     # an A operand: whole tiles are read
+        self.d = alloc("d", (pairs, Hp), np.uint16)
+        self.xa_gu = alloc("xa_gu", (pairs, 2 * r), np.float32)
+        self.xa_d = alloc("xa_d", (pairs, r), np.float32)
 
     def arrays(self):
         return [v for v in vars(self).values() if isinstance(v, np.ndarray)]

@@ -14,6 +14,7 @@ from .kernels import moe
 from .kernels.gemm import PAD
 from .kernels.isa import ROUTES, choose_route
 from .quant import QuantizedWeight, quantize
+from .scratch import SHARED
 from .reference import LORA_FIELDS
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4_awq", "int4_k2")
@@ -139,14 +140,20 @@ def _base_weights(gate_proj, up_proj, down_proj, weight_format, group_size):
 class MoELayer:
     """The routed experts of one MoE layer, with optional LoRA, forward and backward.
 
-    gate_proj, up_proj [E, I, H]; down_proj [E, H, I]: bfloat16 (or float32, rounded).
+    gate_proj, up_proj [E, I, H]; down_proj [E, H, I]: bfloat16 (or float32, rounded),
+    quantized online to ``weight_format`` ("bf16" if None, "int8", "int4_awq", "int4_k2";
+    int4 groups of ``group_size`` along K, 128 if None, a multiple of 32 dividing H and I)
+    - or three ``nbmoe.QuantizedWeight`` of one format (``weight_format``/``group_size``
+    then None or matching). Each weight is stored once (``packed_nbytes``); forward and
+    backward multiply by exactly ``QuantizedWeight.dequantize()``'s values.
     ``Expert_e(x) = D_e(silu(G_e x) * U_e x)``; ``y[t] = sum_j w[t, j] Expert_{ids[t, j]}(x[t])``.
 
     max_tokens bounds T per call; cache_depth is how many forwards may be saved for
     backward at once; route picks the kernel route (default: ``$NBMOE_ISA``, else the best
-    this CPU supports; ``nbmoe.info()`` lists them). Buffers are sized ``max_tokens * k``
-    at the first forward (its ``topk_ids`` fixes k until ``resize``); their pages are
-    committed only as far as calls use them.
+    this CPU supports; ``nbmoe.info()`` lists them). Saved-forward slots are sized
+    ``max_tokens * k`` at the first forward (its ``topk_ids`` fixes k until ``resize``);
+    their pages are committed only as far as calls use them. Everything a call needs only
+    while it runs lives in ``nbmoe.scratch.SHARED``, one pool for every layer.
     """
 
     def __init__(self, gate_proj, up_proj, down_proj, lora=None, weight_format=None,
@@ -244,8 +251,6 @@ class MoELayer:
             E, I, H, r = self.num_experts, self.intermediate_size, self.hidden_size, self.rank
             self._stack = CacheStack(self.cache_depth,
                                      lambda: ForwardCache(E, H, I, r, self.max_tokens, k))
-            self._scratch = ForwardCache(E, H, I, r, self.max_tokens, k)
-            self._ws = moe.Workspace(E, H, I, r, self.max_tokens * k)
             self._k = k
         elif k != self._k:
             raise ValueError(f"topk_ids: expected k = {self._k} slots per token (the k of this "
@@ -269,12 +274,18 @@ class MoELayer:
             raise TypeError(f"save_for_backward: expected a bool, got "
                             f"{type(save_for_backward).__qualname__}")
         lora = self._lora_view()
-        self._buffers(ids.shape[1])
-        cache = self._stack.reserve() if save_for_backward else self._scratch
-        if save_for_backward:
-            cache.x[:T] = x16
-        y = np.empty((T, self.hidden_size), np.uint16)
-        moe.forward(self.route, self._packed, lora, x16, ids, weights, cache, self._ws, y)
+        k = ids.shape[1]
+        self._buffers(k)
+        E, I, H, r = self.num_experts, self.intermediate_size, self.hidden_size, self.rank
+        y = np.empty((T, H), np.uint16)
+        with SHARED.lock:
+            if save_for_backward:
+                cache = self._stack.reserve()
+                cache.x[:T] = x16
+            else:
+                cache = ForwardCache(E, H, I, r, T, k, alloc=SHARED.allocator("cache."))
+            ws = moe.Workspace(E, H, I, r, T * k, alloc=SHARED.allocator("ws."))
+            moe.forward(self.route, self._packed, lora, x16, ids, weights, cache, ws, y)
         if save_for_backward:
             self._stack.push(cache)
         return y.view(checks.BF16)
@@ -304,8 +315,10 @@ class MoELayer:
             shape = getattr(lora, name).shape
             setattr(grads, name, np.zeros(shape, np.float32) if accumulate_into is None
                     else _accumulator(accumulate_into, name, shape))
-        moe.backward(self.route, self._packed, lora, cache, self._ws, gy, grads,
-                     accumulate_into is not None)
+        E, I, H, r = self.num_experts, self.intermediate_size, self.hidden_size, self.rank
+        with SHARED.lock:
+            ws = moe.Workspace(E, H, I, r, T * k, alloc=SHARED.allocator("ws."))
+            moe.backward(self.route, self._packed, lora, cache, ws, gy, grads, accumulate_into is not None)
         self._stack.pop(cache)
         grads.input = grads.input.view(checks.BF16)
         return grads

@@ -119,3 +119,13 @@ def test_commands_needing_torch_say_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     assert main(["finetune"]) == 2
     assert "this command needs torch: pip install torch==2.13.0" in capsys.readouterr().err
+
+
+def test_memory_prints_growth_against_the_bytes_it_expects():
+    done = _run("memory", "--layers", "2", "-E", "4", "-k", "2", "-H", "64", "-I", "64", "-r", "2", "-T", "32",
+                "--project", "48")
+    assert done.returncode == 0, done.stderr
+    per_token = 2 * 64 + 2 * 20 + 2 * (16 + 4 * 64 + 2 * 64 + 2 * 64 + 12 * 2)      # docs/design.md §5
+    assert f"({per_token} bytes per token per layer)" in done.stdout
+    assert "step 1: resident growth after the forwards" in done.stdout and "step 2:" in done.stdout
+    assert "projected to 48 layers" in done.stdout

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import nbmoe
-from nbmoe import reference
+from nbmoe import reference, scratch
 from nbmoe.reference import LORA_FIELDS
 from helpers import BF16, GRAD_NAMES, Problem, assert_close, rel
 
@@ -102,8 +102,7 @@ def test_invariant_7_interleaved_caches_do_not_alias():
     layer.forward(one.x[:3], two.topk_ids[:3], one.topk_weights[:3])                   # scratch
     assert _same(layer.backward(two.grad_y), separate_2)                               # B2
     assert _same(layer.backward(one.grad_y), separate_1)                               # B1
-    buffers = [a for slot in layer._stack.slots() + [layer._scratch] for a in slot.arrays()]
-    buffers += layer._ws.arrays()
+    buffers = [a for slot in layer._stack.slots() for a in slot.arrays()] + scratch.SHARED.buffers()
     for i, a in enumerate(buffers):
         for b in buffers[i + 1:]:
             assert not np.shares_memory(a, b)

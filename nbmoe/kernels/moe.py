@@ -66,30 +66,39 @@ class PackedWeights:
         return self.gu.nbytes + self.d.nbytes
 
 
-class Workspace:
-    """Scratch of one call, sized for ``pairs`` rows; nothing in it outlives the call."""
+def _zeros(name, shape, dtype):
+    return np.zeros(shape, dtype)
 
-    def __init__(self, E, H, I, r, pairs):
+
+class Workspace:
+    """Scratch of one call, sized for ``pairs`` rows; nothing in it outlives the call.
+
+    ``alloc(name, shape, dtype)`` gives each array (``nbmoe.scratch``'s shared buffers, or
+    new zeroed arrays by default); contents may be stale: every kernel writes before it
+    reads, and the LoRA factor pads are zeroed per call (``_load_lora``)."""
+
+    def __init__(self, E, H, I, r, pairs, alloc=_zeros):
         Hp, Ip = padded(H), padded(I)
         operand = pairs + ROW_SLACK                        # GEMM A operands: whole tiles are read
-        self.xs = np.zeros((operand, Hp), np.uint16)
-        self.d32 = np.zeros((pairs, Hp), np.float32)       # forward d; backward grad_x per pair
-        self.G = np.zeros((pairs, Hp), np.float32)
-        self.G16 = np.zeros((operand, Hp), np.uint16)
-        self.grad_h = np.zeros((pairs, Ip), np.float32)
-        self.dgu = np.zeros((pairs, 2 * Ip), np.float32)
-        self.dgu16 = np.zeros((operand, 2 * Ip), np.uint16)
-        self.gb_d = np.zeros((pairs, r), np.float32)
-        self.gb_gu = np.zeros((pairs, 2 * r), np.float32)
+        f32, u16 = np.float32, np.uint16
+        self.xs = alloc("xs", (operand, Hp), u16)
+        self.d32 = alloc("d32", (pairs, Hp), f32)          # forward d; backward grad_x per pair
+        self.G = alloc("G", (pairs, Hp), f32)
+        self.G16 = alloc("G16", (operand, Hp), u16)
+        self.grad_h = alloc("grad_h", (pairs, Ip), f32)
+        self.dgu = alloc("dgu", (pairs, 2 * Ip), f32)
+        self.dgu16 = alloc("dgu16", (operand, 2 * Ip), u16)
+        self.gb_d = alloc("gb_d", (pairs, r), f32)
+        self.gb_gu = alloc("gb_gu", (pairs, 2 * r), f32)
         # LoRA factors per active slot (fp32, padded), and their gradients
-        self.a_gu = np.zeros((E, 2 * r, Hp), np.float32)
-        self.bt_gu = np.zeros((E, r, 2 * Ip), np.float32)
-        self.a_d = np.zeros((E, r, Ip), np.float32)
-        self.bt_d = np.zeros((E, r, Hp), np.float32)
-        self.da_gu = np.zeros_like(self.a_gu)
-        self.dbt_gu = np.zeros_like(self.bt_gu)
-        self.da_d = np.zeros_like(self.a_d)
-        self.dbt_d = np.zeros_like(self.bt_d)
+        self.a_gu = alloc("a_gu", (E, 2 * r, Hp), f32)
+        self.bt_gu = alloc("bt_gu", (E, r, 2 * Ip), f32)
+        self.a_d = alloc("a_d", (E, r, Ip), f32)
+        self.bt_d = alloc("bt_d", (E, r, Hp), f32)
+        self.da_gu = alloc("da_gu", (E, 2 * r, Hp), f32)
+        self.dbt_gu = alloc("dbt_gu", (E, r, 2 * Ip), f32)
+        self.da_d = alloc("da_d", (E, r, Ip), f32)
+        self.dbt_d = alloc("dbt_d", (E, r, Hp), f32)
 
     def arrays(self):
         return [v for v in vars(self).values() if isinstance(v, np.ndarray)]
@@ -110,8 +119,12 @@ def _a_layout(name, arr):
 
 
 def _load_lora(lora, cache, ws, Ip):
+    S = cache.n_active
     for name, factor, _, row0, col0 in _lora_parts(lora, ws, Ip):
-        load(_a_layout(name, getattr(lora, name)), cache.active, cache.n_active, factor, row0, col0)
+        src = _a_layout(name, getattr(lora, name))
+        load(src, cache.active, S, factor, row0, col0)
+        width = factor.shape[2] // 2 if name in ("gate_b", "up_b") else factor.shape[2]
+        factor[:S, row0:row0 + src.shape[1], col0 + src.shape[2]:col0 + width] = 0   # pads: zero
 
 
 def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y):
