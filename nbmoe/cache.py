@@ -1,6 +1,6 @@
-"""Forward caches: what a forward saves for its backward, in a LIFO pool of fixed slots.
+"""Forward caches: what a forward saves for its backward, sized by its call, LIFO per layer.
 
-A ``ForwardCache`` holds everything backward reads, each in its own allocation:
+A ``ForwardCache`` holds everything backward reads, each array its own region:
 
 - the input ``x`` in token order (backward regathers it for the gate/up LoRA gradients),
 - the routing: ``topk_ids``, ``topk_weights``, ``rows``, ``offsets``, ``order``,
@@ -9,13 +9,18 @@ A ``ForwardCache`` holds everything backward reads, each in its own allocation:
 - ``gu`` (pre-activation g | u), ``h``, ``d`` (bf16, expert order), and the LoRA
   down-projections ``xa_gu`` = x [A_gate; A_up]^T and ``xa_d`` = h A_down^T (fp32).
 
-``CacheStack`` allocates ``depth`` slots once; ``reserve`` hands out a free slot or
-raises ``CacheOverflowError`` before anything is written; ``push``/``pop`` are LIFO. Each
-saved forward carries a ``tag`` (a counter), so a caller whose backward order is not
-LIFO (torch autograd) can find or drop exactly its own.
-Arrays are ``np.zeros``: the OS commits their pages only when a forward touches
-them, so capacity for ``max_tokens`` costs memory only as far as it is used.
+``CacheStack`` bounds a layer's saved forwards to ``depth``: ``reserve(T)`` makes a cache
+for T tokens or raises ``CacheOverflowError`` before anything is written; ``push``/``pop``
+are LIFO. Each saved forward carries a ``tag`` (a counter), so a caller whose backward
+order is not LIFO (torch autograd) can find or drop exactly its own. A saved cache's
+arrays are carved from one buffer of the process-wide ``SAVED`` pool, sized by the call
+(``saved_cache``); backward returns it and any layer's next save reuses it: memory
+follows the saved tokens, not ``max_tokens``, and stays resident (no page faults) from
+step to step. The arrays of a forward that saves nothing live in ``nbmoe.scratch``.
 """
+
+import math
+import threading
 
 import numpy as np
 
@@ -59,32 +64,99 @@ class ForwardCache:
         self.xa_d = alloc("xa_d", (pairs, r), np.float32)
 
     def arrays(self):
-        return [v for v in vars(self).values() if isinstance(v, np.ndarray)]
+        """The saved tensors (not the pool ``buffer`` they are carved from)."""
+        return [v for name, v in vars(self).items() if isinstance(v, np.ndarray) and name != "buffer"]
+
+
+class SavedPool:
+    """The memory of saved forwards, process-wide: one byte buffer per saved forward, sized
+    by its call, returned here by backward and reused by any layer's next save (the
+    smallest free buffer that fits; a buffer too small for every request is replaced, so
+    the pool holds at most as many buffers as forwards were ever saved at once)."""
+
+    ALIGN = 64
+
+    def __init__(self):
+        self._free = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes):
+        with self._lock:
+            sizes = [b.nbytes for b in self._free]
+            fits = [i for i, size in enumerate(sizes) if size >= nbytes]
+            if fits:
+                return self._free.pop(min(fits, key=sizes.__getitem__))
+            if self._free:                                  # none fits: replace the largest
+                self._free.pop(max(range(len(sizes)), key=sizes.__getitem__))
+        return np.zeros(max(nbytes, 1), np.uint8)
+
+    def give(self, buf):
+        with self._lock:
+            self._free.append(buf)
+
+    @property
+    def nbytes(self):
+        """Bytes held by free buffers (saved forwards hold the rest)."""
+        return sum(b.nbytes for b in self._free)
+
+    def release(self):
+        with self._lock:
+            self._free.clear()
+
+    @classmethod
+    def carve(cls, buf):
+        """``(name, shape, dtype) -> view`` handing out consecutive aligned pieces of ``buf``
+        (with ``buf=None``: of nothing, to count the bytes, in ``carve.used``)."""
+        def alloc(name, shape, dtype):
+            dtype = np.dtype(dtype)
+            at = -(-alloc.used // cls.ALIGN) * cls.ALIGN
+            size = math.prod(shape) * dtype.itemsize
+            alloc.used = at + size
+            if buf is None:
+                return None
+            return buf[at:at + size].view(dtype).reshape(shape)
+        alloc.used = 0
+        return alloc
+
+
+SAVED = SavedPool()
+
+
+def saved_cache(E, H, I, r, tokens, k):
+    """A ``ForwardCache`` for ``tokens`` tokens on a buffer of the ``SAVED`` pool (its
+    ``buffer``; give it back with ``SAVED.give`` once backward is done)."""
+    count = SavedPool.carve(None)
+    ForwardCache(E, H, I, r, tokens, k, alloc=count)
+    buf = SAVED.take(count.used)
+    cache = ForwardCache(E, H, I, r, tokens, k, alloc=SavedPool.carve(buf))
+    cache.buffer = buf
+    return cache
 
 
 class CacheStack:
-    """``depth`` forward caches, allocated once, used last-in first-out."""
+    """At most ``depth`` saved forwards of one layer, last-in first-out; each made by
+    ``make_cache(tokens)`` when saved and its memory returned to the pool when popped."""
 
     def __init__(self, depth, make_cache):
         self.depth = depth
-        self._free = [make_cache() for _ in range(depth)]
+        self._make = make_cache
         self._stack = []
         self._tags = 0
 
     def __len__(self):
         return len(self._stack)
 
-    def reserve(self):
-        """A free slot to fill; raises ``CacheOverflowError`` if all ``depth`` are saved."""
-        if not self._free:
+    def reserve(self, tokens):
+        """A slot for ``tokens`` tokens; raises ``CacheOverflowError`` if ``depth`` forwards are
+        already saved (before anything is written)."""
+        if len(self._stack) >= self.depth:
             raise CacheOverflowError(
                 f"forward(save_for_backward=True): all {self.depth} cache slots hold saved "
                 f"forwards awaiting backward; run backward first or construct the layer "
                 f"with a larger cache_depth")
-        return self._free[-1]
+        return self._make(tokens)
 
     def push(self, cache):
-        self._free.remove(cache)
         self._tags += 1
         cache.tag = self._tags
         self._stack.append(cache)
@@ -104,7 +176,7 @@ class CacheStack:
 
     def pop(self, cache):
         self._stack.remove(cache)
-        self._free.append(cache)
+        SAVED.give(cache.buffer)
         return cache
 
     def drop(self, tag):
@@ -117,4 +189,5 @@ class CacheStack:
         return next((cache for cache in self._stack if cache.tag == tag), None)
 
     def slots(self):
-        return self._free + self._stack
+        """The saved forwards."""
+        return list(self._stack)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import checks
-from .cache import CacheEmptyError, CacheStack, ForwardCache
+from .cache import CacheEmptyError, CacheStack, ForwardCache, saved_cache
 from .kernels import moe
 from .kernels.gemm import PAD
 from .kernels.isa import ROUTES, choose_route
@@ -150,10 +150,10 @@ class MoELayer:
 
     max_tokens bounds T per call; cache_depth is how many forwards may be saved for
     backward at once; route picks the kernel route (default: ``$NBMOE_ISA``, else the best
-    this CPU supports; ``nbmoe.info()`` lists them). Saved-forward slots are sized
-    ``max_tokens * k`` at the first forward (its ``topk_ids`` fixes k until ``resize``);
-    their pages are committed only as far as calls use them. Everything a call needs only
-    while it runs lives in ``nbmoe.scratch.SHARED``, one pool for every layer.
+    this CPU supports; ``nbmoe.info()`` lists them). The first forward's ``topk_ids`` fixes
+    k (until ``resize``). A saved forward holds memory sized by its call, from a pool every
+    layer shares (``nbmoe.cache.SAVED``); everything a call needs only while it runs lives
+    in ``nbmoe.scratch.SHARED``, one pool for every layer.
     """
 
     def __init__(self, gate_proj, up_proj, down_proj, lora=None, weight_format=None,
@@ -249,8 +249,7 @@ class MoELayer:
     def _buffers(self, k):
         if self._k is None:
             E, I, H, r = self.num_experts, self.intermediate_size, self.hidden_size, self.rank
-            self._stack = CacheStack(self.cache_depth,
-                                     lambda: ForwardCache(E, H, I, r, self.max_tokens, k))
+            self._stack = CacheStack(self.cache_depth, lambda T: saved_cache(E, H, I, r, T, k))
             self._k = k
         elif k != self._k:
             raise ValueError(f"topk_ids: expected k = {self._k} slots per token (the k of this "
@@ -280,7 +279,7 @@ class MoELayer:
         y = np.empty((T, H), np.uint16)
         with SHARED.lock:
             if save_for_backward:
-                cache = self._stack.reserve()
+                cache = self._stack.reserve(T)
                 cache.x[:T] = x16
             else:
                 cache = ForwardCache(E, H, I, r, T, k, alloc=SHARED.allocator("cache."))
