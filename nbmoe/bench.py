@@ -252,11 +252,11 @@ def resident_bytes():
 
 
 def saved_bytes_per_token(H, I, r, k):
-    """Bytes one saved forward keeps per token (``ForwardCache``: x, routing, gu, h, d,
+    """Bytes one saved forward keeps per token (``ForwardCache``: x, routing, gu, d,
     xa_gu, xa_d), without its fixed per-expert routing arrays."""
     Hp, Ip = padded(H), padded(I)
     per_token = 2 * H + k * (8 + 4 + 8)                       # x; topk_ids, topk_weights, rows
-    per_pair = 8 + 8 + 2 * 2 * Ip + 2 * Ip + 2 * Hp + 4 * 2 * r + 4 * r   # order, row_slot, gu, h, d, xa
+    per_pair = 8 + 8 + 2 * 2 * Ip + 2 * Hp + 4 * 2 * r + 4 * r   # order, row_slot, gu, d, xa
     return per_token + k * per_pair
 
 

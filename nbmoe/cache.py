@@ -6,7 +6,7 @@ A ``ForwardCache`` holds everything backward reads, each array its own region:
 - the routing: ``topk_ids``, ``topk_weights``, ``rows``, ``offsets``, ``order``,
   ``row_slot``, ``slot_of_expert``, ``active`` (backward restores this routing,
   never the current one),
-- ``gu`` (pre-activation g | u), ``h``, ``d`` (bf16, expert order), and the LoRA
+- ``gu`` (pre-activation g | u), ``d`` (bf16, expert order), and the LoRA
   down-projections ``xa_gu`` = x [A_gate; A_up]^T and ``xa_d`` = h A_down^T (fp32).
 
 ``CacheStack`` bounds a layer's saved forwards to ``depth``: ``reserve(T)`` makes a cache
@@ -24,7 +24,7 @@ import threading
 
 import numpy as np
 
-from .kernels.gemm import ROW_SLACK, padded
+from .kernels.gemm import padded
 
 
 class CacheOverflowError(RuntimeError):
@@ -58,7 +58,6 @@ class ForwardCache:
         self.slot_of_expert = alloc("slot_of_expert", (E,), np.int64)
         self.active = alloc("active", (E,), np.int64)
         self.gu = alloc("gu", (pairs, 2 * Ip), np.uint16)
-        self.h = alloc("h", (pairs + ROW_SLACK, Ip), np.uint16)     # an A operand: whole tiles are read
         self.d = alloc("d", (pairs, Hp), np.uint16)
         self.xa_gu = alloc("xa_gu", (pairs, 2 * r), np.float32)
         self.xa_d = alloc("xa_d", (pairs, r), np.float32)

@@ -43,10 +43,11 @@ gradient, so ``torch.no_grad()`` inference and the first pass of reentrant
 ``torch.utils.checkpoint`` push nothing; the recomputation's cache is the one its
 backward pops (by tag, whatever order autograd runs backward in); a graph freed without
 backward releases its cache. Non-reentrant checkpointing (transformers' default) runs its
-first pass with grad enabled and recomputes only what saved tensors need: the experts
-keep that first cache (checkpointing then saves the rest of the layer's activations,
-not the experts'); ``use_reentrant=True`` recomputes the experts too. Base expert weights must be frozen when training: nbmoe
-computes no gradient for them, and says so rather than return none silently.
+first pass with grad enabled and recomputes what saved tensors need: the experts save
+only a tag there, so their forward is recomputed too and keeps nothing in between
+(``ExpertsFunction``); ``use_reentrant=True`` recomputes them likewise. Base expert
+weights must be frozen when training: nbmoe computes no gradient for them, and says so
+rather than return none silently.
 
 transformers' expert-parallel sentinel (an id equal to ``num_experts``) is a skipped
 slot (nbmoe's ``-1``).
@@ -324,8 +325,23 @@ class _Saved:
             self.layer.discard(self.tag)
 
 
+def _checkpoint_pass():
+    """"first" inside the first pass of non-reentrant ``torch.utils.checkpoint``, "recompute"
+    inside its recomputation, else None: read from the saved-tensor hooks it installs
+    (a private torch API; where it is missing, None: the experts keep their first cache)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    name = getattr(hooks[0], "__qualname__", "") if hooks else ""
+    return {"_checkpoint_hook": "first", "_recomputation_hook": "recompute"}.get(name.split(".")[0])
+
+
 class ExpertsFunction(torch.autograd.Function):
-    """y = MoELayer(x, ids, w) with gradients for x, w and the LoRA parameters."""
+    """y = MoELayer(x, ids, w) with gradients for x, w and the LoRA parameters.
+
+    Under non-reentrant checkpointing the first pass saves no cache, only the tensor of
+    a tag: unpacking it at backward makes torch recompute the region, whose forward saves
+    a cache and a tensor with its tag, which is what backward reads and pops. So
+    checkpointed experts hold nothing between forward and backward."""
 
     @staticmethod
     def forward(ctx, state, save, hidden_states, top_k_index, top_k_weights, *lora):
@@ -335,15 +351,22 @@ class ExpertsFunction(torch.autograd.Function):
             raise TypeError(f"top_k_index: expected dtype torch.int64 or torch.int32, got {ids.dtype}")
         ids = torch.where(ids == E, -1, ids).numpy()           # transformers' skipped-slot sentinel
         weights = top_k_weights.detach().float().contiguous()
+        checkpointed = _checkpoint_pass() if save else None
+        save = save and checkpointed != "first"
         y = state.layer.forward(to_numpy(hidden_states.contiguous(), "hidden_states"), ids,
                                 to_numpy(weights, "top_k_weights"), save_for_backward=save)
-        ctx.saved = _Saved(state.layer) if save else None
+        # a recomputation's cache belongs to the first pass's backward, which pops it by tag
+        ctx.saved = _Saved(state.layer) if save and checkpointed is None else None
+        ctx.layer = state.layer
+        ctx.save_for_backward(torch.tensor([state.layer.newest_tag if save else -1]))
         ctx.dtypes = (hidden_states.dtype, top_k_weights.dtype) + tuple(p.dtype for p in lora)
         return to_torch(y, hidden_states.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        grads = ctx.saved.backward(to_numpy(grad_y.to(torch.bfloat16).contiguous(), "grad_y"))
+        (tag,) = ctx.saved_tensors
+        grad = to_numpy(grad_y.to(torch.bfloat16).contiguous(), "grad_y")
+        grads = ctx.saved.backward(grad) if ctx.saved is not None else ctx.layer.backward(grad, tag=int(tag))
         out = [None, None, to_torch(grads.input, ctx.dtypes[0]), None, to_torch(grads.topk_weights, ctx.dtypes[1])]
         lora = [getattr(grads, n) for n in LORA_FIELDS] if len(ctx.dtypes) > 2 else []
         out += [to_torch(g, dtype) for g, dtype in zip(lora, ctx.dtypes[2:])]

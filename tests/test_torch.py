@@ -112,6 +112,15 @@ def test_adamw_lowers_the_loss():
     assert losses[-1] <= 0.8 * losses[0], losses
 
 
+def _checkpointing(model, reentrant):
+    kwargs = {"use_reentrant": reentrant}
+    enable = getattr(model, "activation_checkpointing_enable", None)      # transformers >= 5.x names
+    if enable:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_checkpointing_gives_the_same_gradients(monkeypatch, reentrant):
     ids = tokens(3)
@@ -122,25 +131,35 @@ def test_checkpointing_gives_the_same_gradients(monkeypatch, reentrant):
         model = build(qwen3())
         with_lora(model)
         if checkpoint:
-            enable = getattr(model, "activation_checkpointing_enable", None)
-            kwargs = {"use_reentrant": reentrant}
-            if enable:
-                enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            _checkpointing(model, reentrant)
         model.train()
         calls.clear()
         results.append(_loss_and_grads(model, ids))
         assert all(m._nbmoe_state.layer.saved == 0 for _, m in nt.experts_modules(model))
         saves = [kw["save_for_backward"] for kw in calls]
-        if checkpoint and reentrant:       # a first pass under no-grad saves nothing; the recomputation saves
+        if checkpoint:                     # the first pass saves nothing; the recomputation saves
             assert saves == [False, False, True, True], saves
-        else:                              # non-reentrant: the experts keep their first cache, nothing recomputes
+        else:
             assert saves == [True, True], saves
     (loss, grads), (loss_ckpt, grads_ckpt) = results
     assert loss == loss_ckpt
     for name in grads:
         assert np.array_equal(grads[name], grads_ckpt[name]), name
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_experts_hold_nothing_between_forward_and_backward(reentrant):
+    model = build(qwen3())
+    with_lora(model)
+    _checkpointing(model, reentrant)
+    model.train()
+    ids = tokens(3)
+    loss = model(ids, labels=ids).loss
+    layers = [m._nbmoe_state.layer for _, m in nt.experts_modules(model)]
+    assert [layer.saved for layer in layers] == [0] * len(layers)       # no cache awaits backward
+    loss.backward()
+    assert [layer.saved for layer in layers] == [0] * len(layers)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora" in n)
 
 
 def test_gradient_accumulation_and_two_forwards_in_one_graph():

@@ -10,12 +10,12 @@ Forward::
     gather_rows(x)                      -> xs [P, Hp] bf16                     (ws)
     project(xs, [A_g; A_u])             -> xa_gu [P, 2r] fp32                  (cache)
     grouped_gemm(xs, W_gu) + s xa_gu [B_g|B_u]^T -> gu = g | u [P, 2Ip] bf16   (cache)
-    silu_mul(gu)                        -> h [P, Ip] bf16                      (cache)
+    silu_mul(gu)                        -> h [P, Ip] bf16                      (ws)
     project(h, A_d)                     -> xa_d [P, r] fp32                    (cache)
     grouped_gemm(h, W_d) + s xa_d B_d^T -> d [P, Hp] fp32 (ws) and bf16        (cache)
     combine_rows(d, topk_weights)       -> y [T, H] bf16
 
-Backward (routing, gu, h, d, xa_* from the cache; LoRA factors reloaded)::
+Backward (routing, gu, d, xa_* from the cache; h recomputed; LoRA factors reloaded)::
 
     pair_grads(grad_y, d)               -> G = w grad_y [P, Hp] fp32 (+ bf16 G16), grad_w [T, k]
     project(G, B_d^T)                   -> gb_d = G B_d [P, r]
@@ -31,8 +31,8 @@ The base-weight GEMMs take bf16 operands (G16, dgu16: what bf16 dot-product inst
 need); every LoRA product takes the fp32 G and dgu, so a low-rank gradient, a sum that
 can cancel, carries no bf16 rounding of its operands.
 
-Saved: x (token order), routing, gu, h, d (bf16), xa_gu, xa_d. Recomputed: xs (a gather),
-sigmoid(g). Nothing else survives a call.
+Saved: x (token order), routing, gu, d (bf16), xa_gu, xa_d. Recomputed: xs (a gather),
+h = silu(g) * u (one pass; bit-identical), sigmoid(g). Nothing else survives a call.
 """
 
 import numba
@@ -90,6 +90,7 @@ class Workspace:
         self.dgu16 = alloc("dgu16", (operand, 2 * Ip), u16)
         self.gb_d = alloc("gb_d", (pairs, r), f32)
         self.gb_gu = alloc("gb_gu", (pairs, 2 * r), f32)
+        self.h = alloc("h", (operand, Ip), u16)            # silu(g) * u: recomputed, not saved
         # LoRA factors per active slot (fp32, padded), and their gradients
         self.a_gu = alloc("a_gu", (E, 2 * r, Hp), f32)
         self.bt_gu = alloc("bt_gu", (E, r, 2 * Ip), f32)
@@ -136,7 +137,7 @@ def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y):
     """
     route.require()
     T, k = topk_ids.shape
-    Ip = cache.h.shape[1]
+    Ip = cache.gu.shape[1] // 2
     Hp = cache.d.shape[1]
     cache.T = T
     cache.topk_ids[:T] = topk_ids
@@ -155,10 +156,10 @@ def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y):
         project(ws.xs, cache.offsets, cache.row_slot, rows, ws.a_gu, Hp, cache.xa_gu)
     grouped_gemm(route, ws.xs.view(np.uint32), packed.gu, cache.offsets, cache.slot_of_expert,
                  cache.xa_gu, ws.bt_gu, Ip, scale, _EMPTY_F32, cache.gu)
-    silu_mul(cache.gu, P, cache.h)
+    silu_mul(cache.gu, P, ws.h)
     if lora is not None:
-        project(cache.h, cache.offsets, cache.row_slot, rows, ws.a_d, Ip, cache.xa_d)
-    grouped_gemm(route, cache.h.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert,
+        project(ws.h, cache.offsets, cache.row_slot, rows, ws.a_d, Ip, cache.xa_d)
+    grouped_gemm(route, ws.h.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert,
                  cache.xa_d, ws.bt_d, Hp, scale, ws.d32, cache.d)
     combine_rows(cache.rows[:T], cache.topk_weights[:T], ws.d32, y)
 
@@ -173,7 +174,7 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate):
     """
     route.require()
     T, P, S = cache.T, cache.P, cache.n_active
-    Ip = cache.h.shape[1]
+    Ip = cache.gu.shape[1] // 2
     Hp = cache.d.shape[1]
     rows = cache.rows[:T]
     pair_grads(grad_y, rows, cache.topk_weights[:T], cache.d, ws.G, ws.G16, grads.topk_weights)
@@ -200,7 +201,8 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate):
     runs = numba.get_num_threads()
     outer(ws.gb_gu, ws.xs, cache.offsets, cache.active, S, Hp, ws.da_gu, runs)
     outer(cache.xa_gu, ws.dgu, cache.offsets, cache.active, S, Ip, ws.dbt_gu, runs)
-    outer(ws.gb_d, cache.h, cache.offsets, cache.active, S, Ip, ws.da_d, runs)
+    silu_mul(cache.gu, P, ws.h)                 # h again: one SiLU pass, not a saved tensor
+    outer(ws.gb_d, ws.h, cache.offsets, cache.active, S, Ip, ws.da_d, runs)
     outer(cache.xa_d, ws.G, cache.offsets, cache.active, S, Hp, ws.dbt_d, runs)
     for name, _, acc, row0, col0 in _lora_parts(lora, ws, Ip):
         store(acc, cache.active, S, row0, col0, scale, accumulate, _a_layout(name, getattr(grads, name)))
