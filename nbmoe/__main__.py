@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from . import __version__, bench, info, reference
 from .bench import QWEN3_30B_A3B
+from .cache import bytes_per_token
 from .checks import BF16
 from .layer import WEIGHT_FORMATS, MoELayer
 from .quant import quantize
@@ -178,7 +179,7 @@ def cmd_memory(args):
     print(f"{n} layers: E={E} k={k} H={H} I={I} r={r}, T={T}; every forward saved, then backward in reverse")
     got = bench.memory_step(n, E, k, H, I, r, T)
     gib = 2.0 ** -30
-    per_token = bench.saved_bytes_per_token(H, I, r, k)
+    per_token = bytes_per_token(H, I, r, k)
     print(f"stored weights {got['weights'] * gib:.2f} GiB (resident before the step, not counted below)")
     print(f"expected: saved {got['saved'] * gib:.2f} GiB ({per_token} bytes per token per layer) + shared "
           f"scratch {got['scratch'] * gib:.2f} GiB = {(got['saved'] + got['scratch']) * gib:.2f} GiB")

@@ -22,6 +22,7 @@ import numpy as np
 from . import checks
 from .kernels.gemm import PackedMatrix, padded
 from .kernels.peak import ACC, amx_spin, dpbf16_spin, fma_spin, read_stream
+from .cache import bytes_per_token
 from .layer import LoRAWeights, MoELayer
 from .reference import LORA_FIELDS
 
@@ -251,15 +252,6 @@ def resident_bytes():
         return 0
 
 
-def saved_bytes_per_token(H, I, r, k):
-    """Bytes one saved forward keeps per token (``ForwardCache``: x, routing, gu, d,
-    xa_gu, xa_d), without its fixed per-expert routing arrays."""
-    Hp, Ip = padded(H), padded(I)
-    per_token = 2 * H + k * (8 + 4 + 8)                       # x; topk_ids, topk_weights, rows
-    per_pair = 8 + 8 + 2 * 2 * Ip + 2 * Hp + 4 * 2 * r + 4 * r   # order, row_slot, gu, d, xa
-    return per_token + k * per_pair
-
-
 def memory_step(layers=4, E=8, k=8, H=2048, I=768, r=16, T=4096, steps=2, seed=0):
     """A training step of ``layers`` MoE layers at T tokens (every forward saved, then every
     backward in reverse), ``steps`` times: resident growth over the weights after the
@@ -267,13 +259,11 @@ def memory_step(layers=4, E=8, k=8, H=2048, I=768, r=16, T=4096, steps=2, seed=0
     the shared scratch). Returns a dict of bytes."""
     from .scratch import SHARED
 
-    rng = np.random.default_rng(seed)
     stack = []
     for i in range(layers):
         gate, up, down, lora = layer_weights(E, H, I, r, seed + i)
         stack.append(MoELayer(gate, up, down, lora=lora, max_tokens=T))
-    ids = np.argsort(rng.random((T, E)), axis=1)[:, :k].astype(np.int64)
-    weights = rng.dirichlet(np.ones(k), size=T).astype(np.float32)
+    ids, weights = routing(T, E, k, seed)
     x, grad_y = activations(T, H, seed)
     for layer in stack:                                   # compile, size k; small: commits little
         layer.forward(x[:1], ids[:1], weights[:1], save_for_backward=True)
@@ -289,7 +279,7 @@ def memory_step(layers=4, E=8, k=8, H=2048, I=768, r=16, T=4096, steps=2, seed=0
         for layer in reversed(stack):
             g = layer.backward(g).input
         out["after_step"].append(resident_bytes() - base)
-    out["saved"] = layers * saved_bytes_per_token(H, I, r, k) * T
+    out["saved"] = layers * bytes_per_token(H, I, r, k) * T
     out["scratch"] = SHARED.nbytes
     return out
 

@@ -25,6 +25,7 @@ import threading
 import numpy as np
 
 from .kernels.gemm import padded
+from .scratch import new_array
 
 
 class CacheOverflowError(RuntimeError):
@@ -38,10 +39,9 @@ class CacheEmptyError(RuntimeError):
 class ForwardCache:
     """One forward's saved tensors, sized for ``tokens`` tokens of ``k`` slots."""
 
-    def __init__(self, E, H, I, r, tokens, k, alloc=None):
-        """``alloc(name, shape, dtype)``: where the arrays live (default: new zeroed arrays,
-        a saved slot's own; ``nbmoe.scratch`` for a forward that saves nothing)."""
-        alloc = alloc or (lambda name, shape, dtype: np.zeros(shape, dtype))
+    def __init__(self, E, H, I, r, tokens, k, alloc=new_array):
+        """``alloc(name, shape, dtype)``: where the arrays live (``SavedPool.carve`` for a
+        saved forward, ``nbmoe.scratch`` for one that saves nothing, else new arrays)."""
         pairs = tokens * k
         Hp, Ip = padded(H), padded(I)
         self.T = 0
@@ -119,6 +119,14 @@ class SavedPool:
 
 
 SAVED = SavedPool()
+
+
+def bytes_per_token(H, I, r, k):
+    """Bytes a saved forward keeps per token (``ForwardCache``'s arrays at T = 1 less those
+    at T = 0: x, routing, gu, d, xa_gu, xa_d; docs/design.md §5)."""
+    def held(tokens):
+        return sum(a.nbytes for a in ForwardCache(1, H, I, r, tokens, k).arrays())
+    return held(1) - held(0)
 
 
 def saved_cache(E, H, I, r, tokens, k):

@@ -79,7 +79,17 @@ class _LoRAView:
         self.scale = alpha / rank
 
 
-def _base_weights(gate_proj, up_proj, down_proj, weight_format, group_size):
+def int4_group_problem(group_size, H, I):
+    """Why the int4 kernels cannot run experts of hidden size H and intermediate size I in
+    K groups of ``group_size`` (a group must not straddle a 32-column panel), or None."""
+    for name, K in (("H (gate_proj, up_proj)", H), ("I (down_proj)", I)):
+        if group_size % PAD or K % group_size:
+            return (f"the int4 kernels need a multiple of {PAD} that divides every K, here {name} = {K}; "
+                    f"got {group_size}")
+    return None
+
+
+def base_weights(gate_proj, up_proj, down_proj, weight_format, group_size):
     """(format, group_size, [gate, up, down]) from bf16/float32 arrays (quantized online
     to ``weight_format``, bf16 if None; int4 groups of ``group_size``, 128 if None) or
     three ``QuantizedWeight`` of one format (which ``weight_format`` and ``group_size``,
@@ -126,11 +136,10 @@ def _base_weights(gate_proj, up_proj, down_proj, weight_format, group_size):
             group_size = DEFAULT_GROUP_SIZE
         parts = [gate, up, down]
     if fmt.startswith("int4"):
-        for name, K in (("H (gate_proj, up_proj)", H), ("I (down_proj)", I)):
-            if group_size % PAD or K % group_size:
-                raise ValueError(f"group_size: the int4 kernels need a multiple of {PAD} that divides "
-                                 f"every K, here {name} = {K}; got {group_size}")
-    if not fmt.startswith("int4"):
+        problem = int4_group_problem(group_size, H, I)
+        if problem:
+            raise ValueError(f"group_size: {problem}")
+    else:
         group_size = None              # bf16 and int8 have no K groups: the argument does not apply
     if not any(given) and fmt != "bf16":
         parts = [quantize(w.view(checks.BF16), fmt, group_size) for w in parts]
@@ -161,7 +170,7 @@ class MoELayer:
         tp = checks.integer("tp", tp, 1)
         self.max_tokens = checks.integer("max_tokens", max_tokens, 1)
         self.cache_depth = checks.integer("cache_depth", cache_depth, 0)
-        fmt, group_size, parts = _base_weights(gate_proj, up_proj, down_proj, weight_format, group_size)
+        fmt, group_size, parts = base_weights(gate_proj, up_proj, down_proj, weight_format, group_size)
         E, I, H = parts[0].shape
         if tp != 1:
             raise NotImplementedError(f"tp={tp}: tensor parallelism is not implemented in this "
@@ -246,10 +255,14 @@ class MoELayer:
             down_b=checks.lora_array("lora.down_b", lo.down_b, (E, H, r), "(E, H, r)"))
         return _LoRAView(arrays, r, checks.finite_real("lora.alpha", lo.alpha))
 
+    def _shape(self):
+        """(E, H, I, r): what sizes this layer's caches and scratch."""
+        return self.num_experts, self.hidden_size, self.intermediate_size, self.rank
+
     def _buffers(self, k):
         if self._k is None:
-            E, I, H, r = self.num_experts, self.intermediate_size, self.hidden_size, self.rank
-            self._stack = CacheStack(self.cache_depth, lambda T: saved_cache(E, H, I, r, T, k))
+            shape = self._shape()
+            self._stack = CacheStack(self.cache_depth, lambda T: saved_cache(*shape, T, k))
             self._k = k
         elif k != self._k:
             raise ValueError(f"topk_ids: expected k = {self._k} slots per token (the k of this "
@@ -275,15 +288,14 @@ class MoELayer:
         lora = self._lora_view()
         k = ids.shape[1]
         self._buffers(k)
-        E, I, H, r = self.num_experts, self.intermediate_size, self.hidden_size, self.rank
-        y = np.empty((T, H), np.uint16)
+        y = np.empty((T, self.hidden_size), np.uint16)
         with SHARED.lock:
             if save_for_backward:
                 cache = self._stack.reserve(T)
                 cache.x[:T] = x16
             else:
-                cache = ForwardCache(E, H, I, r, T, k, alloc=SHARED.allocator("cache."))
-            ws = moe.Workspace(E, H, I, r, T * k, alloc=SHARED.allocator("ws."))
+                cache = ForwardCache(*self._shape(), T, k, alloc=SHARED.allocator("cache."))
+            ws = moe.Workspace(*self._shape(), T * k, alloc=SHARED.allocator("ws."))
             moe.forward(self.route, self._packed, lora, x16, ids, weights, cache, ws, y)
         if save_for_backward:
             self._stack.push(cache)
@@ -314,9 +326,8 @@ class MoELayer:
             shape = getattr(lora, name).shape
             setattr(grads, name, np.zeros(shape, np.float32) if accumulate_into is None
                     else _accumulator(accumulate_into, name, shape))
-        E, I, H, r = self.num_experts, self.intermediate_size, self.hidden_size, self.rank
         with SHARED.lock:
-            ws = moe.Workspace(E, H, I, r, T * k, alloc=SHARED.allocator("ws."))
+            ws = moe.Workspace(*self._shape(), T * k, alloc=SHARED.allocator("ws."))
             moe.backward(self.route, self._packed, lora, cache, ws, gy, grads, accumulate_into is not None)
         self._stack.pop(cache)
         grads.input = grads.input.view(checks.BF16)

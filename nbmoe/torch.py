@@ -67,8 +67,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .kernels.gemm import PAD
-from .layer import DEFAULT_GROUP_SIZE, WEIGHT_FORMATS, LoRAWeights, MoELayer
+from .layer import DEFAULT_GROUP_SIZE, WEIGHT_FORMATS, LoRAWeights, MoELayer, base_weights, int4_group_problem
 from .quant import FORMATS, QuantizedWeight, quantize
 from .reference import LORA_FIELDS
 
@@ -160,19 +159,11 @@ class StoredExperts:
         kinds = [type(w).__qualname__ for w in parts if not isinstance(w, QuantizedWeight)]
         if kinds:
             raise TypeError(f"{name}: expected three nbmoe.QuantizedWeight (gate, up, down), got {kinds[0]}")
-        formats, groups = {w.format for w in parts}, {w.group_size for w in parts}
-        if len(formats) > 1 or len(groups) > 1:
-            raise ValueError(f"{name}: gate, up and down must share one format and group_size, got "
-                             f"{[(w.format, w.group_size) for w in parts]}")
-        E, I, H = gate.shape
-        if up.shape != (E, I, H) or down.shape != (E, H, I):
-            raise ValueError(f"{name}: expected gate and up [E, I, H] and down [E, H, I], got "
-                             f"{list(gate.shape)}, {list(up.shape)}, {list(down.shape)}")
-        g = gate.group_size
-        if gate.format.startswith("int4") and (g % PAD or H % g or I % g):
-            raise ValueError(f"{name}: {gate.format} with group_size {g}: the int4 kernels need a group "
-                             f"that is a multiple of {PAD} and divides H = {H} and I = {I}")
-        self.name, self.format, self.group_size, self.shape = name, gate.format, g, (E, I, H)
+        try:                              # MoELayer's own checks: one format, group, consistent shapes
+            fmt, g, _ = base_weights(gate, up, down, None, None)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{name}: {err}") from None
+        self.name, self.format, self.group_size, self.shape = name, fmt, g, gate.shape
         self._parts, self._layer = parts, None
 
     @property
@@ -607,11 +598,12 @@ def _group_problem(fmt, group_size, H, I):
     """Why ``fmt`` with ``group_size`` cannot hold experts of hidden size H and intermediate
     size I on the int4 kernels, or None."""
     g = group_size
-    if fmt.startswith("int4") and (isinstance(g, bool) or not isinstance(g, numbers.Integral) or g <= 0 or g % PAD
-                                   or H % g or I % g):
-        return (f"{fmt} with group_size {g!r}: the int4 kernels need a group that is a multiple of {PAD} "
-                f"and divides H = {H} and I = {I}")
-    return None
+    if not fmt.startswith("int4"):
+        return None
+    if isinstance(g, bool) or not isinstance(g, numbers.Integral) or g <= 0:
+        return f"{fmt} with group_size {g!r}: expected a positive int"
+    problem = int4_group_problem(g, H, I)
+    return problem and f"{fmt} with group_size {g}: {problem}"
 
 
 def quantize_experts(model, weight_format, group_size=None):

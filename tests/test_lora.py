@@ -16,10 +16,11 @@ def test_load_and_store_mirror(dtype):
     active = np.array([4, 1, 0, 0, 0])
     a = rng.standard_normal((E, R, K)).astype(dtype)
     src = a.view(np.uint16) if dtype == BF16 else a
-    factors = np.zeros((E, 2 * R, 32), np.float32)
-    load(src, active, 2, factors, R, 0)
+    factors = np.full((E, 2 * R, 32), np.nan, np.float32)           # stale scratch
+    load(src, active, 2, factors, R, 0, 32)
     assert np.array_equal(factors[:2, R:, :K], a[[4, 1]].astype(np.float32))
-    assert not np.any(factors[:2, :R]) and not np.any(factors[:, :, K:]) and not np.any(factors[2:])
+    assert np.all(factors[:2, R:, K:] == 0)                           # the span's pads: zero
+    assert np.all(np.isnan(factors[:2, :R])) and np.all(np.isnan(factors[2:]))   # nothing else
     out = np.zeros((E, R, K), np.float32)
     store(factors, active, 2, R, 0, np.float32(2), False, out)
     assert np.array_equal(out[[4, 1]], 2 * a[[4, 1]].astype(np.float32)) and not np.any(out[[0, 2, 3]])
@@ -28,9 +29,10 @@ def test_load_and_store_mirror(dtype):
 
     b = rng.standard_normal((E, K, R)).astype(dtype)             # B [E, N, r] loads as B^T
     src = b.view(np.uint16) if dtype == BF16 else b
-    factors = np.zeros((E, R, 64), np.float32)
-    load(src.transpose(0, 2, 1), active, 2, factors, 0, 32)
+    factors = np.full((E, R, 64), np.nan, np.float32)
+    load(src.transpose(0, 2, 1), active, 2, factors, 0, 32, 32)
     assert np.array_equal(factors[:2, :, 32:32 + K], b[[4, 1]].astype(np.float32).transpose(0, 2, 1))
+    assert np.all(factors[:2, :, 32 + K:] == 0) and np.all(np.isnan(factors[:2, :, :32]))
     out = np.ones((E, K, R), np.float32)
     store(factors, active, 2, 0, 32, np.float32(1), True, out.transpose(0, 2, 1))
     assert np.array_equal(out[[4, 1]], 1 + b[[4, 1]].astype(np.float32)) and np.all(out[[0, 2, 3]] == 1)

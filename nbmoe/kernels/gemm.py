@@ -129,38 +129,26 @@ def _pair_fma(x, b0l, b0h, b1l, b1h, c0, c1):
     return vfma2(vsplat(f32_from_bits(x & np.uint32(0xFFFF0000))), b0h, b1h, c0, c1)
 
 
+def _pair_step(route, x, b0, b1, c0, c1):
+    """One row's bf16 pair ``x`` against two 16-column weight pair vectors: (c0, c1) +=."""
+
+
+@overload(_pair_step, jit_options=JIT)
+def _pair_step_route(route, x, b0, b1, c0, c1):
+    if route.route in ("generic", "avx512"):
+        return lambda route, x, b0, b1, c0, c1: _pair_fma(x, vpair_lo(b0), vpair_hi(b0), vpair_lo(b1),
+                                                          vpair_hi(b1), c0, c1)
+    return lambda route, x, b0, b1, c0, c1: _dp2(vsplat_pair(x), b0, b1, c0, c1)   # amx CPUs have it too
+
+
+@njit(**JIT)
 def _row(route, a, r, w, w0, k2):
     """Row ``r`` of ``a`` times the two 16-column blocks at ``w0``, over all of K: (c0, c1)."""
-
-
-@overload(_row, jit_options=JIT)
-def _row_fma(route, a, r, w, w0, k2):
-    if route.route not in ("generic", "avx512"):
-        return None
-
-    def impl(route, a, r, w, w0, k2):
-        w1 = w0 + k2 * LANES
-        c0, c1 = vzero(), vzero()
-        for p in range(k2):
-            b0 = vload(w, w0 + p * LANES)
-            b1 = vload(w, w1 + p * LANES)
-            c0, c1 = _pair_fma(a[r, p], vpair_lo(b0), vpair_hi(b0), vpair_lo(b1), vpair_hi(b1), c0, c1)
-        return c0, c1
-    return impl
-
-
-@overload(_row, jit_options=JIT)
-def _row_bf16(route, a, r, w, w0, k2):
-    if route.route != "avx512_bf16":
-        return None
-
-    def impl(route, a, r, w, w0, k2):
-        w1 = w0 + k2 * LANES
-        c0, c1 = vzero(), vzero()
-        for p in range(k2):
-            c0, c1 = _dp2(vsplat_pair(a[r, p]), vload(w, w0 + p * LANES), vload(w, w1 + p * LANES), c0, c1)
-        return c0, c1
-    return impl
+    w1 = w0 + k2 * LANES
+    c0, c1 = vzero(), vzero()
+    for p in range(k2):
+        c0, c1 = _pair_step(route, a[r, p], vload(w, w0 + p * LANES), vload(w, w1 + p * LANES), c0, c1)
+    return c0, c1
 
 
 @njit(**JIT)
@@ -378,18 +366,6 @@ def _pairs8_format(route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp
             vstore(tmp, i * LANES, _decode(route, flat, at + i * LANES, zero, scale))
         return tmp, 0
     return impl
-
-
-def _pair_step(route, x, b0, b1, c0, c1):
-    """One row's bf16 pair ``x`` against two 16-column weight pair vectors: (c0, c1) +=."""
-
-
-@overload(_pair_step, jit_options=JIT)
-def _pair_step_route(route, x, b0, b1, c0, c1):
-    if route.route in ("generic", "avx512"):
-        return lambda route, x, b0, b1, c0, c1: _pair_fma(x, vpair_lo(b0), vpair_hi(b0), vpair_lo(b1),
-                                                          vpair_hi(b1), c0, c1)
-    return lambda route, x, b0, b1, c0, c1: _dp2(vsplat_pair(x), b0, b1, c0, c1)   # amx CPUs have it too
 
 
 @njit(**JIT)

@@ -39,6 +39,7 @@ Intrinsics (llvmlite has no ``bfloat`` or ``x86_amx`` type: ``_Named`` prints on
 """
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -113,15 +114,15 @@ def _unbox_route(typ, obj, c):
     return NativeValue(c.context.get_dummy_value())
 
 
-_HOST_FEATURES = []
+@functools.cache
+def _read_host_features():
+    flags = llvm.get_host_cpu_features()
+    return {name: bool(flags.get(name, False)) for name in REPORTED_FEATURES}
 
 
 def host_features():
     """``{llvm_feature_name: bool}`` for the features that decide a route (read once)."""
-    if not _HOST_FEATURES:
-        flags = llvm.get_host_cpu_features()
-        _HOST_FEATURES.append({name: bool(flags.get(name, False)) for name in REPORTED_FEATURES})
-    return dict(_HOST_FEATURES[0])
+    return dict(_read_host_features())
 
 
 def host_cpu_name():

@@ -18,7 +18,8 @@ h and is the grad_h epilogue factor; ``[B_g^T | B_u^T]`` and ``B_d^T`` are the f
 epilogue factors and project dgu and G in backward. ``load`` fills them from the
 caller's arrays (float32, or bf16 as uint16 bits, any strides: TP slices are views; B
 through a transposed view), read on every call, never kept: an in-place optimizer step
-is seen by the next call. ``store`` is its mirror for the gradients.
+is seen by the next call; its pad columns are written as zeros (the buffers are shared
+scratch, stale from the last call). ``store`` is its mirror for the gradients.
 
 Both products are register-blocked like the GEMM: ``project`` keeps 4 rows x 2 ranks of
 16-lane partial sums over k (summed across lanes at the end), ``outer`` keeps 4 ranks x
@@ -40,11 +41,12 @@ OUTER_COLS = 32   # columns per ``outer`` tile
 
 
 @njit(**JIT_PARALLEL)
-def load(src, active, n_active, dst, row0, col0):
-    """dst[s, row0 + q, col0 + k] = src[active[s], q, k] as float32.
+def load(src, active, n_active, dst, row0, col0, width):
+    """dst[s, row0 + q, col0 + k] = src[active[s], q, k] as float32 for k < K, 0 for
+    K <= k < width: the factor's whole padded span, whatever the buffer held before.
 
     src [E, R, K] float32 or uint16 (bf16 bits), any strides: a transposed view of
-    B [E, N, R] loads B^T, read rank-outer; dst [>=S, >=row0+R, >=col0+K] float32, C
+    B [E, N, R] loads B^T, read rank-outer; dst [>=S, >=row0+R, >=col0+width] float32, C
     (written contiguously along k).
     """
     _, R, K = src.shape
@@ -53,6 +55,8 @@ def load(src, active, n_active, dst, row0, col0):
         for q in range(R):
             for k in range(K):
                 dst[s, row0 + q, col0 + k] = as_f32(src[e, q, k])
+            for k in range(K, width):
+                dst[s, row0 + q, col0 + k] = 0
 
 
 @njit(**JIT_PARALLEL)

@@ -66,18 +66,14 @@ class PackedWeights:
         return self.gu.nbytes + self.d.nbytes
 
 
-def _zeros(name, shape, dtype):
-    return np.zeros(shape, dtype)
-
-
 class Workspace:
     """Scratch of one call, sized for ``pairs`` rows; nothing in it outlives the call.
 
     ``alloc(name, shape, dtype)`` gives each array (``nbmoe.scratch``'s shared buffers, or
-    new zeroed arrays by default); contents may be stale: every kernel writes before it
-    reads, and the LoRA factor pads are zeroed per call (``_load_lora``)."""
+    ``scratch.new_array``); contents may be stale: every kernel writes before it
+    reads (``lora.load`` writes the LoRA factors' pads too)."""
 
-    def __init__(self, E, H, I, r, pairs, alloc=_zeros):
+    def __init__(self, E, H, I, r, pairs, alloc):
         Hp, Ip = padded(H), padded(I)
         operand = pairs + ROW_SLACK                        # GEMM A operands: whole tiles are read
         f32, u16 = np.float32, np.uint16
@@ -105,13 +101,14 @@ class Workspace:
         return [v for v in vars(self).values() if isinstance(v, np.ndarray)]
 
 
-def _lora_parts(lora, ws, Ip):
+def _lora_parts(lora, ws, Ip, Hp):
     """Per LoRA array: (name, factor buffer, its gradient buffer, row and column where
-    the array sits in them). Buffers hold every factor in A layout [S, r, K]."""
+    the array sits in them, and the padded width of its span). Buffers hold every factor
+    in A layout [S, r, K]."""
     r = lora.rank
-    return [("gate_a", ws.a_gu, ws.da_gu, 0, 0), ("up_a", ws.a_gu, ws.da_gu, r, 0),
-            ("gate_b", ws.bt_gu, ws.dbt_gu, 0, 0), ("up_b", ws.bt_gu, ws.dbt_gu, 0, Ip),
-            ("down_a", ws.a_d, ws.da_d, 0, 0), ("down_b", ws.bt_d, ws.dbt_d, 0, 0)]
+    return [("gate_a", ws.a_gu, ws.da_gu, 0, 0, Hp), ("up_a", ws.a_gu, ws.da_gu, r, 0, Hp),
+            ("gate_b", ws.bt_gu, ws.dbt_gu, 0, 0, Ip), ("up_b", ws.bt_gu, ws.dbt_gu, 0, Ip, Ip),
+            ("down_a", ws.a_d, ws.da_d, 0, 0, Ip), ("down_b", ws.bt_d, ws.dbt_d, 0, 0, Hp)]
 
 
 def _a_layout(name, arr):
@@ -119,13 +116,9 @@ def _a_layout(name, arr):
     return arr.transpose(0, 2, 1) if name.endswith("_b") else arr
 
 
-def _load_lora(lora, cache, ws, Ip):
-    S = cache.n_active
-    for name, factor, _, row0, col0 in _lora_parts(lora, ws, Ip):
-        src = _a_layout(name, getattr(lora, name))
-        load(src, cache.active, S, factor, row0, col0)
-        width = factor.shape[2] // 2 if name in ("gate_b", "up_b") else factor.shape[2]
-        factor[:S, row0:row0 + src.shape[1], col0 + src.shape[2]:col0 + width] = 0   # pads: zero
+def _load_lora(lora, cache, ws, Ip, Hp):
+    for name, factor, _, row0, col0, width in _lora_parts(lora, ws, Ip, Hp):
+        load(_a_layout(name, getattr(lora, name)), cache.active, cache.n_active, factor, row0, col0, width)
 
 
 def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y):
@@ -151,7 +144,7 @@ def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y):
     gather_rows(x, cache.order, k, P, ws.xs)
     scale = np.float32(lora.scale if lora is not None else 0.0)
     if lora is not None:
-        _load_lora(lora, cache, ws, Ip)
+        _load_lora(lora, cache, ws, Ip, Hp)
         rows = row_blocks(cache.offsets, cache.active, cache.n_active)
         project(ws.xs, cache.offsets, cache.row_slot, rows, ws.a_gu, Hp, cache.xa_gu)
     grouped_gemm(route, ws.xs.view(np.uint32), packed.gu, cache.offsets, cache.slot_of_expert,
@@ -183,7 +176,7 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate):
         return
     scale = np.float32(lora.scale if lora is not None else 0.0)
     if lora is not None:
-        _load_lora(lora, cache, ws, Ip)
+        _load_lora(lora, cache, ws, Ip, Hp)
         row_items = row_blocks(cache.offsets, cache.active, S)
         project(ws.G, cache.offsets, cache.row_slot, row_items, ws.bt_d, Hp, ws.gb_d)
     grouped_gemm(route, ws.G16.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert,
@@ -204,5 +197,5 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate):
     silu_mul(cache.gu, P, ws.h)                 # h again: one SiLU pass, not a saved tensor
     outer(ws.gb_d, ws.h, cache.offsets, cache.active, S, Ip, ws.da_d, runs)
     outer(cache.xa_d, ws.G, cache.offsets, cache.active, S, Hp, ws.dbt_d, runs)
-    for name, _, acc, row0, col0 in _lora_parts(lora, ws, Ip):
+    for name, _, acc, row0, col0, _ in _lora_parts(lora, ws, Ip, Hp):
         store(acc, cache.active, S, row0, col0, scale, accumulate, _a_layout(name, getattr(grads, name)))

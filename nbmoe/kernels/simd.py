@@ -229,11 +229,9 @@ def vstore_bf16(typingctx, arr, i, v):
 
     def codegen(context, builder, sig, args):
         value = args[2]
-        bits = builder.bitcast(value, LLVM_I32X16)
-        high = builder.lshr(bits, _const_i32x16(16))
-        bias = builder.add(_const_i32x16(0x7FFF), builder.and_(high, _const_i32x16(1)))
-        rounded = builder.lshr(builder.add(bits, bias), _const_i32x16(16))
+        rounded = _round_to_bf16_bits(builder, value)
         is_nan = builder.fcmp_unordered("uno", value, value)
+        high = builder.lshr(builder.bitcast(value, LLVM_I32X16), _const_i32x16(16))
         quiet = builder.or_(high, _const_i32x16(0x40))
         out = builder.trunc(builder.select(is_nan, quiet, rounded), _I16X16)
         ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _I16X16)
@@ -396,11 +394,12 @@ def vexp(typingctx, x):
 
 _I8 = ir.IntType(8)
 _I16X32 = ir.VectorType(_I16, 2 * LANES)
-_CODE_PAIRS = {types.uint16: (ir.VectorType(_I16, LANES), 8), types.uint8: (ir.VectorType(_I8, LANES), 4)}
+_CODE_BITS = {types.uint16: 8, types.uint8: 4}      # code-pair element -> bits per code
 
 
 def _round_to_bf16_bits(builder, value):
-    """Round-to-nearest-even of finite float32 lanes; the bf16 bits in the low 16 of an i32."""
+    """Round-to-nearest-even of float32 lanes (NaN: the caller's to handle); the bf16 bits
+    in the low 16 of an i32."""
     bits = builder.bitcast(value, LLVM_I32X16)
     bias = builder.add(_const_i32x16(0x7FFF), builder.and_(builder.lshr(bits, _const_i32x16(16)),
                                                            _const_i32x16(1)))
@@ -433,7 +432,7 @@ def vdequant(typingctx, codes, i, zero, scale):
 
 def is_code_pairs(codes, i, zero, scale):
     """The argument types ``vdequant`` (and its x86 twin in ``isa``) accept."""
-    return (isinstance(codes, types.Array) and codes.layout == "C" and codes.dtype in _CODE_PAIRS
+    return (isinstance(codes, types.Array) and codes.layout == "C" and codes.dtype in _CODE_BITS
             and isinstance(i, types.Integer) and zero == u32x16 and scale == f32x16)
 
 
@@ -444,17 +443,15 @@ _LANES_8_15 = ir.Constant(ir.VectorType(_I32, LANES), [8 + j // 2 for j in range
 def dequant_lanes(context, builder, sig, args):
     """``vdequant``'s float32 values before rounding, as two ``<16 x float>``: the pairs of
     lanes 0..7 (lo, hi, lo, hi, ...) and of lanes 8..15 (LLVM IR values)."""
-    vec_ty, bits = _CODE_PAIRS[sig.args[0].dtype]
     bytes16 = ir.VectorType(_I8, LANES)
     at = context.cast(builder, args[1], sig.args[1], types.intp)
-    if bits == 8:                                   # int8: 32 signed bytes in lane order
-        ptr = lane_ptr(context, builder, sig.args[0], args[0], types.intp, at, bytes16)
+    ptr = lane_ptr(context, builder, sig.args[0], args[0], types.intp, at, bytes16)
+    if _CODE_BITS[sig.args[0].dtype] == 8:          # int8: 32 signed bytes in lane order
         upper = lane_ptr(context, builder, sig.args[0], args[0], types.intp,
                          builder.add(at, ir.Constant(at.type, 8)), bytes16)
         first = builder.sext(builder.load(ptr, align=1), LLVM_I32X16)
         second = builder.sext(builder.load(upper, align=1), LLVM_I32X16)
     else:                                           # nibbles: low = lanes 0..7, high = 8..15
-        ptr = lane_ptr(context, builder, sig.args[0], args[0], types.intp, at, bytes16)
         wide = builder.zext(builder.load(ptr, align=1), LLVM_I32X16)
         first = builder.sub(builder.and_(wide, _const_i32x16(15)),
                             builder.shuffle_vector(args[2], args[2], _LANES_0_7))
