@@ -1,7 +1,10 @@
 """``python -m nbmoe finetune``: LoRA fine-tuning of a tiny Qwen3-MoE on nbmoe, no download.
 
 The model is built from a config (random base weights, bf16); LoRA adapters go on every
-experts module (``nbmoe.torch.add_lora``) and AdamW trains only them. The task is
+experts module (``nbmoe.torch.add_lora``) and AdamW trains only them. With ``peft=True``
+the adapters are PEFT's own (``LoraConfig(target_parameters=[...gate_up_proj,
+...down_proj])``, ``get_peft_model``), run on nbmoe experts, and timed against PEFT on
+transformers' eager experts. The task is
 synthetic: each sequence counts upward by a stride that its first token names
 (``x[i+1] = x[i] + stride mod V``), so the loss can fall far below ``log V``. The job
 prints the loss curve, then times the same training step with the experts on nbmoe and
@@ -63,12 +66,26 @@ def tokens_per_second(model, params, implementation, steps, size, length, seed):
     return steps * size * length / (time.perf_counter() - start)
 
 
-def run(steps=60, size=8, length=64, rank=16, alpha=32.0, lr=1e-2, seed=0, timing_steps=3, report=None):
-    """Fine-tune; returns (losses, {implementation: training tokens/s})."""
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def peft_model(model, rank, alpha):
+    """``model`` with PEFT LoRA on its experts' parameters, experts on nbmoe; its LoRA parameters."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=[], target_parameters=EXPERTS))
+    model.set_experts_implementation("nbmoe")
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def run(steps=60, size=8, length=64, rank=16, alpha=32.0, lr=1e-2, seed=0, timing_steps=3, report=None,
+        peft=False):
+    """Fine-tune; returns (losses, {implementation: training tokens/s}): "nbmoe" and the
+    eager baseline ("nbmoe_reference" for nbmoe's adapters, "eager" for PEFT's)."""
     torch.set_num_threads(numba.get_num_threads())
     model = tiny_model(seed)
-    params = nt.add_lora(model, rank, alpha)
+    model, params = peft_model(model, rank, alpha) if peft else (model, nt.add_lora(model, rank, alpha))
     losses = train(model, params, steps, size, length, lr, seed, report or (lambda step, loss: None))
     speed = {name: tokens_per_second(model, params, name, timing_steps, size, length, seed)
-             for name in ("nbmoe", "nbmoe_reference")}
+             for name in ("nbmoe", "eager" if peft else "nbmoe_reference")}
     return losses, speed

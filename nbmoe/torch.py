@@ -19,7 +19,11 @@
 - ``to_numpy`` / ``to_torch``: the one bf16-aware bridge between tensors and arrays.
 - ``add_lora`` / ``save_lora`` / ``load_lora`` / ``merge_lora``: LoRA adapters on every
   experts module (``gate_lora_a [E, r, H]``, ``gate_lora_b [E, I, r]``, ``up_lora_*``,
-  ``down_lora_a [E, r, I]``, ``down_lora_b [E, H, r]``, attribute ``lora_alpha``).
+  ``down_lora_a [E, r, I]``, ``down_lora_b [E, H, r]``, attribute ``lora_alpha``), saved
+  as nbmoe's file or as a PEFT adapter folder (``format="peft"``, ``nbmoe.peft``).
+- PEFT's own LoRA on the experts' parameters (``target_parameters``): where peft is
+  installed, ``register`` routes PEFT's ``ParamWrapper.forward`` to ``_peft_forward`` for
+  experts running on nbmoe, which reads PEFT's factors in place (never ``W + dW``).
 - ``quantize_experts(model, weight_format, group_size)``: quantize a loaded model's experts
   in place and free their bf16 tensors; ``from_pretrained(path, weight_format,
   group_size)``: build a model from a local checkpoint folder with its experts streamed,
@@ -55,6 +59,7 @@ slot (nbmoe's ``-1``).
 
 import contextlib
 import copy
+import importlib.util
 import json
 import math
 import numbers
@@ -66,7 +71,9 @@ import ml_dtypes
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from . import peft as peft_format
 from .layer import DEFAULT_GROUP_SIZE, WEIGHT_FORMATS, LoRAWeights, MoELayer, base_weights, int4_group_problem
 from .quant import FORMATS, QuantizedWeight, quantize
 from .reference import LORA_FIELDS
@@ -74,6 +81,7 @@ from .reference import LORA_FIELDS
 LORA_NAMES = tuple(f"{n[:-2]}_lora{n[-2:]}" for n in LORA_FIELDS)     # gate_a -> gate_lora_a, ...
 CACHE_DEPTH = 4        # forwards of one experts module that may await backward at once
 MIN_TOKENS = 4096      # initial token capacity; grows (while nothing is saved) as calls need
+FINGERPRINT_SAMPLES = 16384   # elements of a base weight summed to see PEFT merges (_fingerprint)
 
 
 def to_numpy(t, name="tensor"):
@@ -117,14 +125,15 @@ def _unsupported(module):
         bad.append(f"activation {type(act).__name__} (nbmoe computes SiLU)")
     if _stored(module) is not None:       # shapes come from the stored weights, checked when stored
         return ", ".join(bad) or None
-    for name in ("gate_up_proj", "down_proj"):
-        if getattr(module, name, None) is None or getattr(module, name).dim() != 3:
+    gate_up, down = _weight(module, "gate_up_proj"), _weight(module, "down_proj")
+    for name, w in (("gate_up_proj", gate_up), ("down_proj", down)):
+        if w is None or w.dim() != 3:
             bad.append(f"no 3-D {name}")
     if not bad:
-        E, I2, H = module.gate_up_proj.shape
-        if I2 % 2 or tuple(module.down_proj.shape) != (E, H, I2 // 2):
-            bad.append(f"gate_up_proj {tuple(module.gate_up_proj.shape)} and down_proj "
-                       f"{tuple(module.down_proj.shape)} are not [E, 2I, H] and [E, H, I]")
+        E, I2, H = gate_up.shape
+        if I2 % 2 or tuple(down.shape) != (E, H, I2 // 2):
+            bad.append(f"gate_up_proj {tuple(gate_up.shape)} and down_proj "
+                       f"{tuple(down.shape)} are not [E, 2I, H] and [E, H, I]")
     return ", ".join(bad) or None
 
 
@@ -136,7 +145,32 @@ def _check(module):
 
 
 def has_lora(module):
+    """Whether ``module`` holds nbmoe's own adapters (``add_lora``)."""
     return all(isinstance(getattr(module, n, None), nn.Parameter) for n in LORA_NAMES)
+
+
+def _weight(module, name):
+    """The base weight ``name`` of an experts module (None if missing): under a
+    parametrization (PEFT's LoRA) its original, so ``W + dW`` is never computed."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name, None)
+
+
+def _lora(module):
+    """(six LoRA factor tensors in LORA_FIELDS order, alpha) of nbmoe's own adapters on an
+    experts module, or None. A parametrized base weight is an error: nbmoe would run the
+    base weight and silently drop what the parametrization adds."""
+    for name in ("gate_up_proj", "down_proj"):
+        if parametrize.is_parametrized(module, name):
+            kinds = ", ".join(type(p).__name__ for p in module.parametrizations[name])
+            raise NotImplementedError(
+                f"{type(module).__name__}.{name} is parametrized ({kinds}), which the nbmoe experts cannot run: "
+                f"they run the base weight and would drop what it adds (PEFT's LoRA on experts reaches nbmoe "
+                f"through PEFT's ParamWrapper, not as a parametrization); use experts_implementation=\"eager\"")
+    if not has_lora(module):
+        return None
+    return [getattr(module, n) for n in LORA_NAMES], float(module.lora_alpha)
 
 
 class StoredExperts:
@@ -252,45 +286,59 @@ class _State:
     """What an experts module keeps for nbmoe: its layer, and the key of the packed weights.
     A module with stored (quantized) experts gets a layer sharing the stored packed copy."""
 
-    def __init__(self, module, tokens):
-        self.lora = None
-        if has_lora(module):
-            self.lora = LoRAWeights(*[to_numpy(getattr(module, n), n) for n in LORA_NAMES],
-                                    alpha=float(module.lora_alpha))
+    def __init__(self, module, lora, tokens):
+        self.lora = None if lora is None else LoRAWeights(*_lora_arrays(lora[0]), alpha=lora[1])
         max_tokens = max(MIN_TOKENS, tokens)
         depth = getattr(module, "nbmoe_cache_depth", CACHE_DEPTH)
         stored = _stored(module)
         if stored is not None:
             self.layer = stored.layer_for(self.lora, max_tokens, depth)
         else:
-            gate_up = to_numpy(module.gate_up_proj, "gate_up_proj")
+            gate_up = to_numpy(_weight(module, "gate_up_proj"), "gate_up_proj")
             I = gate_up.shape[1] // 2
-            self.layer = MoELayer(gate_up[:, :I], gate_up[:, I:], to_numpy(module.down_proj, "down_proj"),
-                                  lora=self.lora, max_tokens=max_tokens, cache_depth=depth)
-        self.key = _key(module)
+            down = to_numpy(_weight(module, "down_proj"), "down_proj")
+            self.layer = MoELayer(gate_up[:, :I], gate_up[:, I:], down, lora=self.lora, max_tokens=max_tokens,
+                                  cache_depth=depth)
+        self.key = _key(module, lora)
 
 
-def _key(module):
-    lora = tuple(tuple(getattr(module, n).shape) for n in LORA_NAMES) if has_lora(module) else None
+def _lora_arrays(tensors):
+    return [to_numpy(t, f"lora.{n}") for t, n in zip(tensors, LORA_FIELDS)]
+
+
+def _key(module, lora):
+    shapes = None if lora is None else tuple(tuple(t.shape) for t in lora[0])
     stored = _stored(module)
     if stored is not None:                # never changes: no tensor to look at
-        return ("stored", id(stored), lora)
-    weights = (module.gate_up_proj, module.down_proj)
-    return tuple((w.data_ptr(), w._version, tuple(w.shape), w.dtype) for w in weights) + (lora,)
+        return ("stored", id(stored), shapes)
+    weights = (_weight(module, "gate_up_proj"), _weight(module, "down_proj"))
+    key = tuple((w.data_ptr(), w._version, tuple(w.shape), w.dtype) for w in weights) + (shapes,)
+    if module.__dict__.get("_nbmoe_peft"):
+        key += tuple(_fingerprint(w) for w in weights)
+    return key
 
 
-def _state(module, tokens, k):
+def _fingerprint(w, samples=FINGERPRINT_SAMPLES):
+    """A float64 sum of ``samples`` evenly strided elements of ``w``. PEFT merges and
+    unmerges adapters with ``param.data += delta``, which torch's version counter does not
+    see; for modules seen under PEFT this sees it (a merge moves nearly every element of
+    an adapted expert; one that moves none left the bf16 weights as they were)."""
+    flat = w.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // samples)].double().sum().item()
+
+
+def _state(module, lora, tokens, k):
     """The module's nbmoe state, (re)built when its base weights or LoRA shapes changed;
     its buffers regrown when a call brings more tokens or another k (while none is saved)."""
     state = module.__dict__.get("_nbmoe_state")
-    if state is None or state.key != _key(module):
+    if state is None or state.key != _key(module, lora):
         _check(module)
-        state = _State(module, tokens)
+        state = _State(module, lora, tokens)
         module.__dict__["_nbmoe_state"] = state
     if state.lora is not None:            # fresh views each call: the parameters may be new tensors
-        for name, layer_name in zip(LORA_NAMES, LORA_FIELDS):
-            setattr(state.lora, layer_name, to_numpy(getattr(module, name), name))
-        state.lora.alpha = float(module.lora_alpha)
+        for name, arr in zip(LORA_FIELDS, _lora_arrays(lora[0])):
+            setattr(state.lora, name, arr)
+        state.lora.alpha = lora[1]
     layer = state.layer
     if tokens > layer.max_tokens or layer.top_k not in (None, k):
         layer.resize(max(layer.max_tokens, 1 << (tokens - 1).bit_length()))
@@ -367,14 +415,59 @@ class ExpertsFunction(torch.autograd.Function):
 def experts_forward(module, hidden_states, top_k_index, top_k_weights):
     """The ``"nbmoe"`` experts implementation: ``module`` is a transformers experts module
     (or ``NbmoeExperts``); hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]."""
-    lora = [getattr(module, n) for n in LORA_NAMES] if has_lora(module) else []
-    state = _state(module, hidden_states.shape[0], top_k_index.shape[-1])
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in [hidden_states, top_k_weights, *lora])
-    if save and _stored(module) is None and (module.gate_up_proj.requires_grad or module.down_proj.requires_grad):
+    return _experts_apply(module, _lora(module), hidden_states, top_k_index, top_k_weights)
+
+
+def _experts_apply(module, lora, hidden_states, top_k_index, top_k_weights):
+    """``module``'s experts on nbmoe with ``lora``: None or (six factor tensors, alpha)."""
+    factors = [] if lora is None else lora[0]
+    state = _state(module, lora, hidden_states.shape[0], top_k_index.shape[-1])
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in [hidden_states, top_k_weights, *factors])
+    base = () if _stored(module) is not None else (_weight(module, "gate_up_proj"), _weight(module, "down_proj"))
+    if save and any(w.requires_grad for w in base):
         raise RuntimeError(f"{type(module).__name__}: nbmoe trains LoRA adapters and computes no gradient for "
                            f"base expert weights; freeze them (requires_grad_(False)) or call "
                            f"nbmoe.torch.add_lora(model, rank, alpha), which does")
-    return ExpertsFunction.apply(state, save, hidden_states, top_k_index, top_k_weights, *lora)
+    return ExpertsFunction.apply(state, save, hidden_states, top_k_index, top_k_weights, *factors)
+
+
+def _runs_nbmoe(module):
+    impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    return isinstance(module, NbmoeExperts) or _stored(module) is not None or impl == "nbmoe"
+
+
+def _peft_forward(wrapper, x, *args, **kwargs):
+    """PEFT's ``ParamWrapper.forward``, for experts that run on nbmoe: their LoRA read from
+    PEFT's own parameters, never folded into the base weights.
+
+    PEFT nests one wrapper per adapted parameter around the experts module; the outermost
+    one's forward handles the chain. Each wrapper contributes as PEFT's forward decides:
+    nothing when disabled (unmerging first if merged) or merged, else its active adapters.
+    ``nbmoe.peft.factors`` turns them into nbmoe's six factors, views of PEFT's
+    ``lora_A`` / ``lora_B`` (autograd returns gradients into them). Anything else - experts
+    on another implementation, per-call ``adapter_names`` - is PEFT's own forward."""
+    chain, experts = [wrapper], wrapper.base_layer
+    while isinstance(experts, type(wrapper)):
+        chain.append(experts)
+        experts = experts.base_layer
+    if kwargs.get("adapter_names") is not None or not _runs_nbmoe(experts):
+        return _PEFT_FORWARD(wrapper, x, *args, **kwargs)
+    adapters = {}
+    for w in chain:
+        if w.disable_adapters and w.merged:
+            w.unmerge()
+        if w.disable_adapters or w.merged:
+            continue
+        E = w.num_experts
+        active = [(*peft_format.from_peft(w.lora_A[a].weight, w.lora_B[a].weight, E), w.scaling[a])
+                  for a in w.active_adapters if a in w.lora_A]
+        if active:
+            adapters[w.parameter_name] = active
+    lora = None
+    if adapters:
+        experts.__dict__["_nbmoe_peft"] = True     # its weights may change under PEFT merges: see _key
+        lora = peft_format.factors(adapters.get("gate_up_proj"), adapters.get("down_proj"), _experts_shape(experts))
+    return _experts_apply(experts, lora, x, *args, **kwargs)
 
 
 def _experts_shape(module):
@@ -441,45 +534,69 @@ def lora_state_dict(model):
             for p in LORA_NAMES}
 
 
-def save_lora(model, path):
-    """Write the LoRA parameters (safetensors), with each module's alpha in the metadata."""
+def save_lora(model, path, format="nbmoe"):
+    """Write every experts module's adapters. ``format="nbmoe"``: one safetensors file,
+    each module's alpha in its metadata (``load_lora`` reads it). ``format="peft"``: a
+    PEFT adapter folder that stock ``PeftModel.from_pretrained(base_model, path)`` loads
+    (gate and up as one rank-2r adapter on ``gate_up_proj``, see ``nbmoe.peft``; needs
+    the peft package)."""
     from safetensors.torch import save_file
 
-    alphas = {name: m.lora_alpha for name, m in experts_modules(model) if has_lora(m)}
-    if not alphas:
+    if format not in ("nbmoe", "peft"):
+        raise ValueError(f"format: expected 'nbmoe' or 'peft', got {format!r}")
+    modules = [(name, m) for name, m in experts_modules(model) if has_lora(m)]
+    if not modules:
         raise ValueError(f"save_lora: {type(model).__name__} has no LoRA adapters; call add_lora first")
+    if format == "peft":
+        base = getattr(getattr(model, "config", None), "name_or_path", None) or None
+        peft_format.write(path, {name: (m, {f: getattr(m, n) for f, n in zip(LORA_FIELDS, LORA_NAMES)},
+                                        m.lora_alpha) for name, m in modules}, base)
+        return
+    alphas = {name: m.lora_alpha for name, m in modules}
     save_file({k: v.contiguous() for k, v in lora_state_dict(model).items()}, str(path),
               metadata={"format": "nbmoe-lora", "lora_alpha": json.dumps(alphas)})
 
 
-def load_lora(model, path):
-    """Load adapters written by ``save_lora`` (adding them where missing) and switch the
-    model to nbmoe. Every experts module must find its six tensors, of matching shapes."""
+def _read_lora(path, modules):
+    """{module name: ({LORA field: tensor}, alpha)} from a ``save_lora`` file."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         alphas = json.loads(f.metadata().get("lora_alpha", "{}"))
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    modules = dict(experts_modules(model))
     unknown = sorted({k.rsplit(".", 1)[0] for k in tensors} - set(modules))
     if unknown:
         raise ValueError(f"load_lora: {path} holds adapters for modules this model lacks: {unknown[:3]}")
-    for name, module in modules.items():
+    found = {}
+    for name in modules:
         missing = [f"{name}.{p}" for p in LORA_NAMES if f"{name}.{p}" not in tensors]
         if missing:
             raise ValueError(f"load_lora: {path} lacks {missing[:3]}")
-        a = tensors[f"{name}.gate_lora_a"]
+        factors = {f: tensors[f"{name}.{p}"] for f, p in zip(LORA_FIELDS, LORA_NAMES)}
+        found[name] = factors, float(alphas.get(name, factors["gate_a"].shape[1]))
+    return found
+
+
+def load_lora(model, path):
+    """Load adapters (adding them where missing) and switch the model to nbmoe: a file
+    written by ``save_lora``, or a PEFT adapter folder (written by ``save_lora(...,
+    format="peft")`` or trained with PEFT on the experts' ``gate_up_proj`` / ``down_proj``,
+    see ``nbmoe.peft``). Every experts module must find its adapters, of matching shapes."""
+    modules = dict(experts_modules(model))
+    read = peft_format.read if peft_format.is_folder(path) else _read_lora
+    for name, (factors, alpha) in read(path, modules).items():
+        module = modules[name]
         if not has_lora(module):
             _check(module)
-            _add_lora(module, a.shape[1], alphas.get(name, a.shape[1]), a.dtype)
-        for p in LORA_NAMES:
-            target, source = getattr(module, p), tensors[f"{name}.{p}"]
+            _add_lora(module, factors["gate_a"].shape[1], alpha, factors["gate_a"].dtype)
+        for field, p in zip(LORA_FIELDS, LORA_NAMES):
+            target, source = getattr(module, p), factors[field]
             if target.shape != source.shape:
                 raise ValueError(f"load_lora: {name}.{p}: expected shape {tuple(target.shape)}, "
                                  f"got {tuple(source.shape)} in {path}")
             with torch.no_grad():
                 target.copy_(source)
-        module.lora_alpha = float(alphas.get(name, module.lora_alpha))
+        module.lora_alpha = alpha
     _use_nbmoe(model)
 
 
@@ -810,15 +927,24 @@ def from_pretrained(path, weight_format=None, group_size=None, model_class=None,
 
 
 def register():
-    """Register ``"nbmoe"`` (and ``"nbmoe_reference"``) in transformers' ExpertsInterface;
-    False without transformers."""
+    """Register ``"nbmoe"`` (and ``"nbmoe_reference"``) in transformers' ExpertsInterface,
+    and, where peft is installed, route PEFT's LoRA on nbmoe experts to nbmoe (its
+    ``ParamWrapper.forward`` becomes ``_peft_forward``, which hands every other case back
+    to PEFT). False without transformers."""
+    global _PEFT_FORWARD
     try:
         from transformers.integrations.moe import ExpertsInterface
     except ImportError:
         return False
     ExpertsInterface.register("nbmoe", experts_forward)
     ExpertsInterface.register("nbmoe_reference", reference_experts_forward)
+    if importlib.util.find_spec("peft") is not None:
+        from peft.tuners.lora.layer import ParamWrapper
+
+        if ParamWrapper.forward is not _peft_forward:
+            _PEFT_FORWARD, ParamWrapper.forward = ParamWrapper.forward, _peft_forward
     return True
 
 
+_PEFT_FORWARD = None
 REGISTERED = register()

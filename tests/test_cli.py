@@ -105,10 +105,12 @@ def test_run_quantized_checks_against_the_dequantized_reference(fmt):
 
 
 @pytest.mark.slow
-def test_finetune_prints_the_loss_curve_and_speed():
-    done = _run("finetune", "--steps", "4", "--batch", "2", "--length", "16", "--rank", "4")
+@pytest.mark.parametrize("peft", [[], ["--peft"]], ids=["nbmoe-lora", "peft"])
+def test_finetune_prints_the_loss_curve_and_speed(peft):
+    done = _run("finetune", "--steps", "4", "--batch", "2", "--length", "16", "--rank", "4", *peft)
     assert done.returncode == 0, done.stderr
     assert "loss curve (step: loss): 1:" in done.stdout and "training tokens/s: nbmoe experts" in done.stdout
+    assert ("PEFT LoRA r=4" in done.stdout) == bool(peft)
     assert "training" not in done.stderr and "\r" not in done.stdout + done.stderr
 
 

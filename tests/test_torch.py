@@ -98,17 +98,21 @@ def test_lora_loss_and_gradients_as_close_as_eager_lora(config):
         assert rel(grads[name], ref) <= 1.25 * rel(eager_grads[name], ref), name
 
 
-def test_adamw_lowers_the_loss():
-    model, ids = build(qwen3()), tokens(2, batch=4, length=24)
-    params = nt.add_lora(model, 8, 16.0)
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for _ in range(30):
+def adamw_losses(model, params, steps=30, lr=1e-2):
+    """The losses of ``steps`` AdamW steps on ``params`` over one batch."""
+    ids, optimizer, losses = tokens(2, batch=4, length=24), torch.optim.AdamW(params, lr=lr), []
+    for _ in range(steps):
         optimizer.zero_grad()
         loss = model(ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_adamw_lowers_the_loss():
+    model = build(qwen3())
+    losses = adamw_losses(model, nt.add_lora(model, 8, 16.0))
     assert losses[-1] <= 0.8 * losses[0], losses
 
 
