@@ -14,7 +14,8 @@ for T tokens or raises ``CacheOverflowError`` before anything is written; ``push
 are LIFO. Each saved forward carries a ``tag`` (a counter), so a caller whose backward
 order is not LIFO (torch autograd) can find or drop exactly its own. A saved cache's
 arrays are carved from one buffer of the process-wide ``SAVED`` pool, sized by the call
-(``saved_cache``); backward returns it and any layer's next save reuses it: memory
+(``SavedForward``: a cache per tensor-parallel part, the parts sharing x, the routing and
+``xa_gu``); backward returns it and any layer's next save reuses it: memory
 follows the saved tokens, not ``max_tokens``, and stays resident (no page faults) from
 step to step. The arrays of a forward that saves nothing live in ``nbmoe.scratch``.
 """
@@ -129,15 +130,42 @@ def bytes_per_token(H, I, r, k):
     return held(1) - held(0)
 
 
-def saved_cache(E, H, I, r, tokens, k):
-    """A ``ForwardCache`` for ``tokens`` tokens on a buffer of the ``SAVED`` pool (its
-    ``buffer``; give it back with ``SAVED.give`` once backward is done)."""
-    count = SavedPool.carve(None)
-    ForwardCache(E, H, I, r, tokens, k, alloc=count)
-    buf = SAVED.take(count.used)
-    cache = ForwardCache(E, H, I, r, tokens, k, alloc=SavedPool.carve(buf))
-    cache.buffer = buf
-    return cache
+# what every tensor-parallel part of one forward computes alike (routing, x A_gu^T): saved once
+SHARED_BY_PARTS = ("x", "topk_ids", "topk_weights", "rows", "offsets", "order", "row_slot", "slot_of_expert",
+                   "active", "xa_gu")
+
+
+class SavedForward:
+    """One saved forward: a ``ForwardCache`` per tensor-parallel part (one without TP),
+    carved from one ``SAVED`` buffer (``buffer``; given back when backward is done). Parts
+    after the first share its ``SHARED_BY_PARTS`` arrays and hold their own gu, d, xa_d."""
+
+    def __init__(self, E, H, sizes, r, tokens, k):
+        count = SavedPool.carve(None)
+        self._carve(E, H, sizes, r, tokens, k, count)
+        self.buffer = SAVED.take(count.used)
+        self.parts = self._carve(E, H, sizes, r, tokens, k, SavedPool.carve(self.buffer))
+        self.tag = -1
+
+    @staticmethod
+    def _carve(E, H, sizes, r, tokens, k, alloc):
+        first = ForwardCache(E, H, sizes[0], r, tokens, k, alloc=alloc)
+
+        def part_alloc(name, shape, dtype):
+            return getattr(first, name) if name in SHARED_BY_PARTS else alloc(name, shape, dtype)
+
+        return [first] + [ForwardCache(E, H, I, r, tokens, k, alloc=part_alloc) for I in sizes[1:]]
+
+    @property
+    def T(self):
+        return self.parts[0].T
+
+    def arrays(self):
+        """The saved tensors, each once."""
+        seen = {}
+        for part in self.parts:
+            seen.update({id(a): a for a in part.arrays()})
+        return list(seen.values())
 
 
 class CacheStack:

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import checks
-from .cache import CacheEmptyError, CacheStack, ForwardCache, saved_cache
+from .cache import CacheEmptyError, CacheStack, ForwardCache, SavedForward
 from .kernels import moe
 from .kernels.gemm import PAD
 from .kernels.isa import ROUTES, choose_route
+from .kernels.routing import round_rows
 from .quant import QuantizedWeight, quantize
 from .scratch import SHARED
 from .reference import LORA_FIELDS
+from .tp import partition
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4_awq", "int4_k2")
 DEFAULT_GROUP_SIZE = 128             # int4 quantized online: AWQ's usual group
@@ -76,7 +78,19 @@ class _LoRAView:
         for name, arr in arrays.items():
             setattr(self, name, arr)
         self.rank = rank
+        self.alpha = alpha
         self.scale = alpha / rank
+
+
+def _part_lora(holder, i0, i1, rank=None, alpha=None):
+    """What tensor-parallel part [i0, i1) of I reads of six LoRA arrays (factors, or their
+    gradients): views, never copies. ``gate_b``, ``up_b`` rows and ``down_a`` columns are
+    sliced; ``gate_a``, ``up_a``, ``down_b`` are shared by every part."""
+    arrays = {name: getattr(holder, name) for name in LORA_FIELDS}
+    for name in ("gate_b", "up_b"):
+        arrays[name] = arrays[name][:, i0:i1]
+    arrays["down_a"] = arrays["down_a"][:, :, i0:i1]
+    return _LoRAView(arrays, rank, alpha) if rank is not None else MoEGrads(None, None, **arrays)
 
 
 def int4_group_problem(group_size, H, I):
@@ -146,6 +160,15 @@ def base_weights(gate_proj, up_proj, down_proj, weight_format, group_size):
     return fmt, group_size, parts
 
 
+def _part_weights(weights, i0, i1):
+    """The gate, up, down weights part [i0, i1) of I stores: gate/up rows, down columns
+    (views; ``PackedWeights`` packs them into the part's own arrays)."""
+    gate, up, down = weights
+    if isinstance(gate, QuantizedWeight):
+        return gate.slice(1, i0, i1), up.slice(1, i0, i1), down.slice(2, i0, i1)
+    return gate[:, i0:i1], up[:, i0:i1], down[:, :, i0:i1]
+
+
 class MoELayer:
     """The routed experts of one MoE layer, with optional LoRA, forward and backward.
 
@@ -170,11 +193,13 @@ class MoELayer:
         tp = checks.integer("tp", tp, 1)
         self.max_tokens = checks.integer("max_tokens", max_tokens, 1)
         self.cache_depth = checks.integer("cache_depth", cache_depth, 0)
-        fmt, group_size, parts = base_weights(gate_proj, up_proj, down_proj, weight_format, group_size)
-        E, I, H = parts[0].shape
-        if tp != 1:
-            raise NotImplementedError(f"tp={tp}: tensor parallelism is not implemented in this "
-                                      f"version; use tp=1")
+        fmt, group_size, weights = base_weights(gate_proj, up_proj, down_proj, weight_format, group_size)
+        E, I, H = weights[0].shape
+        try:
+            self.parts = partition(I, tp, group_size if fmt.startswith("int4") else 1)
+        except ValueError as err:
+            why = f"; int4 parts align to group_size = {group_size}" if fmt.startswith("int4") else ""
+            raise ValueError(f"{err}{why}") from None
         self.num_experts, self.intermediate_size, self.hidden_size = E, I, H
         self.weight_format, self.group_size = fmt, group_size
         self.tp = tp
@@ -186,14 +211,15 @@ class MoELayer:
         if route is not None:
             checks.choice("route", route, ROUTES)
         self.route = choose_route(route)
-        self._packed = moe.PackedWeights(*parts, fmt)
+        self._packed = [moe.PackedWeights(*_part_weights(weights, i0, i1), fmt) for i0, i1 in self.parts]
         self._k = None
         self._stack = None
 
     def __repr__(self):
         group = f", group_size={self.group_size}" if self.group_size else ""
+        tp = f", tp={self.tp}" if self.tp != 1 else ""
         return (f"MoELayer(E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, "
-                f"r={self.rank}, weight_format={self.weight_format!r}{group}, route={self.route.name!r}, "
+                f"r={self.rank}, weight_format={self.weight_format!r}{group}{tp}, route={self.route.name!r}, "
                 f"max_tokens={self.max_tokens}, cache_depth={self.cache_depth}, saved={self.saved})")
 
     @property
@@ -203,8 +229,8 @@ class MoELayer:
     @property
     def packed_nbytes(self):
         """Bytes of the stored base weights: one copy each, in their format, with scales
-        and zero points (forward and backward both read it)."""
-        return self._packed.nbytes
+        and zero points (forward and backward both read it), summed over the parts."""
+        return sum(p.nbytes for p in self._packed)
 
     @property
     def saved(self):
@@ -255,14 +281,16 @@ class MoELayer:
             down_b=checks.lora_array("lora.down_b", lo.down_b, (E, H, r), "(E, H, r)"))
         return _LoRAView(arrays, r, checks.finite_real("lora.alpha", lo.alpha))
 
-    def _shape(self):
-        """(E, H, I, r): what sizes this layer's caches and scratch."""
-        return self.num_experts, self.hidden_size, self.intermediate_size, self.rank
+    def _shape(self, part=None):
+        """(E, H, I, r): what sizes this layer's caches and scratch (of one part: its I)."""
+        I = self.intermediate_size if part is None else part[1] - part[0]
+        return self.num_experts, self.hidden_size, I, self.rank
 
     def _buffers(self, k):
         if self._k is None:
-            shape = self._shape()
-            self._stack = CacheStack(self.cache_depth, lambda T: saved_cache(*shape, T, k))
+            E, H, _, r = self._shape()
+            sizes = [i1 - i0 for i0, i1 in self.parts]
+            self._stack = CacheStack(self.cache_depth, lambda T: SavedForward(E, H, sizes, r, T, k))
             self._k = k
         elif k != self._k:
             raise ValueError(f"topk_ids: expected k = {self._k} slots per token (the k of this "
@@ -290,16 +318,30 @@ class MoELayer:
         self._buffers(k)
         y = np.empty((T, self.hidden_size), np.uint16)
         with SHARED.lock:
+            cache = None
             if save_for_backward:
                 cache = self._stack.reserve(T)
-                cache.x[:T] = x16
-            else:
-                cache = ForwardCache(*self._shape(), T, k, alloc=SHARED.allocator("cache."))
-            ws = moe.Workspace(*self._shape(), T * k, alloc=SHARED.allocator("ws."))
-            moe.forward(self.route, self._packed, lora, x16, ids, weights, cache, ws, y)
+                cache.parts[0].x[:T] = x16            # x and the routing: one copy the parts share
+            # parts add their fp32 partial sums in part order, rounded once (one part: rounded directly)
+            out = y if self.tp == 1 else SHARED.array("tp.y32", (T, self.hidden_size), np.float32)
+            for p, (part, packed) in enumerate(zip(self.parts, self._packed)):
+                shape = self._shape(part)
+                part_cache = cache.parts[p] if cache is not None else \
+                    ForwardCache(*shape, T, k, alloc=SHARED.allocator("cache."))
+                ws = moe.Workspace(*shape, T * k, alloc=SHARED.allocator("ws."))
+                moe.forward(self.route, packed, self._part(lora, part), x16, ids, weights, part_cache, ws, out,
+                            add=p > 0)
+            if self.tp != 1:
+                round_rows(out, y)
         if save_for_backward:
             self._stack.push(cache)
         return y.view(checks.BF16)
+
+    def _part(self, lora, part):
+        """The LoRA view part ``part`` reads (the whole view when tp = 1)."""
+        if lora is None or self.tp == 1:
+            return lora
+        return _part_lora(lora, *part, lora.rank, lora.alpha)
 
     def backward(self, grad_y, accumulate_into=None, tag=None):
         """Gradients of the newest saved forward (popped) from grad_y [T, H] bfloat16.
@@ -326,9 +368,31 @@ class MoELayer:
             shape = getattr(lora, name).shape
             setattr(grads, name, np.zeros(shape, np.float32) if accumulate_into is None
                     else _accumulator(accumulate_into, name, shape))
+        accumulate = accumulate_into is not None
         with SHARED.lock:
-            ws = moe.Workspace(*self._shape(), T * k, alloc=SHARED.allocator("ws."))
-            moe.backward(self.route, self._packed, lora, cache, ws, gy, grads, accumulate_into is not None)
+            if self.tp == 1:
+                ws = moe.Workspace(*self._shape(), T * k, alloc=SHARED.allocator("ws."))
+                moe.backward(self.route, self._packed[0], lora, cache.parts[0], ws, gy, grads, accumulate)
+            else:
+                self._backward_parts(lora, cache, gy, grads, accumulate)
         self._stack.pop(cache)
         grads.input = grads.input.view(checks.BF16)
         return grads
+
+    def _backward_parts(self, lora, cache, gy, grads, accumulate):
+        """The parts' backward in part order: grad_x summed in fp32 and rounded once, grad_w
+        summed in fp32; every part adds its LoRA gradients into views of ``grads`` (sliced
+        ones into their slice, shared ones summed: part 0 onto zeros or what the caller
+        accumulates into)."""
+        T, k = cache.parts[0].T, self._k
+        gx = SHARED.array("tp.gx32", (T, self.hidden_size), np.float32)
+        gw = SHARED.array("tp.gw32", (T, k), np.float32)
+        for p, (part, packed) in enumerate(zip(self.parts, self._packed)):
+            mine = _part_lora(grads, *part) if lora is not None else MoEGrads(None, None)
+            mine.input, mine.topk_weights = gx, grads.topk_weights if p == 0 else gw
+            ws = moe.Workspace(*self._shape(part), T * k, alloc=SHARED.allocator("ws."))
+            moe.backward(self.route, packed, self._part(lora, part), cache.parts[p], ws, gy, mine,
+                         accumulate=accumulate or p > 0, add_input=p > 0)
+            if p > 0:
+                grads.topk_weights += gw
+        round_rows(gx, grads.input)

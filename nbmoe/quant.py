@@ -204,6 +204,29 @@ class QuantizedWeight:
             w = ((q - z) * s).reshape(N, K)
         return w.astype(BF16).astype(np.float32)
 
+    def slice(self, axis, start, stop):
+        """The weights [:, start:stop, :] (``axis`` 1, N) or [:, :, start:stop] (``axis`` 2, K)
+        as a QuantizedWeight viewing this one's arrays: the part a tensor-parallel rank holds.
+        A K slice of an int4 format starts and stops on its groups (int8 scales are per row)."""
+        E, N, K = self._shape
+        axis = integer("slice: axis", axis, 1, 2)
+        size = (N, K)[axis - 1]
+        start = integer("slice: start", start, 0, size - 1)
+        stop = integer("slice: stop", stop, start + 1, size)
+        if axis == 1:
+            cut = slice(start, stop)
+            return QuantizedWeight(self._format, (E, stop - start, K), self._group_size, self._codes[:, cut],
+                                   self._scales[:, cut], None if self._zeros is None else self._zeros[:, cut])
+        if self._format == "int8":
+            return QuantizedWeight("int8", (E, N, stop - start), None, self._codes[:, :, start:stop], self._scales)
+        g = self._group_size
+        if start % g or (stop % g and stop != K):
+            raise ValueError(f"slice: K range [{start}, {stop}) of {self._format} must start and stop on "
+                             f"its groups of {g}")
+        groups = slice(start // g, -(-stop // g))
+        return QuantizedWeight(self._format, (E, N, stop - start), g, self._codes[:, :, start // 2:stop // 2],
+                               self._scales[:, :, groups], None if self._zeros is None else self._zeros[:, :, groups])
+
     @classmethod
     def from_int8(cls, q, scale):
         """q int8 [E, N, K], scale float32 [E, N]: W[e, n, k] = q[e, n, k] * scale[e, n]."""

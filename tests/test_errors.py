@@ -42,7 +42,7 @@ def _construct(problem, **overrides):
     ("down_proj", np.zeros((E, H, I), np.int8), TypeError, r"down_proj: expected dtype bfloat16 or float32, got int8"),
     ("lora", {"gate_a": 1}, TypeError, r"lora: expected nbmoe.LoRAWeights or None, got dict"),
     ("weight_format", "fp8", ValueError, r"weight_format: expected one of .*'int4_k2'\), got 'fp8'"),
-    ("tp", 2, NotImplementedError, r"tp=2: tensor parallelism is not implemented"),
+    ("tp", I + 1, ValueError, r"tp: cannot split I = 24 into 25 non-empty parts on multiples of align = 1"),
     ("tp", 0, ValueError, r"tp: expected an int >= 1, got 0"),
     ("max_tokens", 0, ValueError, r"max_tokens: expected an int >= 1, got 0"),
     ("max_tokens", 8.0, TypeError, r"max_tokens: expected an int, got float"),

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbmoe.kernels.routing import combine_rows, gather_rows, pair_grads, route_pairs
+from nbmoe.kernels.routing import combine_rows, gather_rows, pair_grads, round_rows, route_pairs
 from nbmoe.reference import round_bf16
 from helpers import BF16, assert_fp32_sums, rel
 
@@ -60,13 +60,25 @@ def test_combine_and_pair_grads(E, k, H, seed):
     d32 = np.zeros((P, Hp), np.float32)
     d32[:, :H] = rng.standard_normal((P, H))
     y = np.empty((T, H), np.uint16)
-    combine_rows(rows, weights, d32, y)
-    expected = np.zeros((T, H))
+    empty16, empty32 = np.zeros((0, 0), np.uint16), np.zeros((0, 0), np.float32)
+    combine_rows(rows, weights, d32, y, empty32, False)
+    expected, magnitude = np.zeros((T, H)), np.zeros((T, H))
     for t in range(T):
         for j in range(k):
             if rows[t, j] >= 0:
-                expected[t] += weights[t, j] * d32[rows[t, j], :H].astype(np.float64)
+                term = weights[t, j] * d32[rows[t, j], :H].astype(np.float64)
+                expected[t] += term
+                magnitude[t] += np.abs(term)
     assert rel(y.view(BF16), round_bf16(expected)) < 2e-3
+    # the fp32 forms: written, then added to (tensor-parallel parts), then rounded once
+    y32 = np.full((T, H), np.nan, np.float32)
+    combine_rows(rows, weights, d32, empty16, y32, False)
+    assert_fp32_sums(y32, expected, magnitude, k)
+    combine_rows(rows, weights, d32, empty16, y32, True)
+    assert_fp32_sums(y32, 2 * expected, 2 * magnitude, 2 * k)
+    y16 = np.empty((T, H), np.uint16)
+    round_rows(y32, y16)
+    assert np.array_equal(y16, y32.astype(BF16).view(np.uint16))
 
     grad_y = rng.standard_normal((T, H)).astype(BF16)
     d16 = np.zeros((P, Hp), np.uint16)

@@ -121,12 +121,21 @@ def _load_lora(lora, cache, ws, Ip, Hp):
         load(_a_layout(name, getattr(lora, name)), cache.active, cache.n_active, factor, row0, col0, width)
 
 
-def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y):
+def _combine(rows, weights, src, out, add):
+    """``combine_rows`` into bf16 ``out`` (uint16), or fp32 ``out`` (added to with ``add``)."""
+    if out.dtype == np.uint16:
+        combine_rows(rows, weights, src, out, _EMPTY_F32, False)
+    else:
+        combine_rows(rows, weights, src, _EMPTY_U16, out, add)
+
+
+def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y, add=False):
     """Run the forward of the module docstring; fills ``cache`` and ``y``.
 
     x [T, H] uint16 (bf16 bits); topk_ids [T, k] int64; topk_weights [T, k] float32;
     lora: ``None`` or an object with the six arrays (float32 or uint16), ``rank``
-    and ``scale``; y [T, H] uint16, written.
+    and ``scale``; y [T, H] uint16 (written, rounded once) or float32 (this part's
+    fp32 sum, written, or with ``add`` added: tensor-parallel parts, ``nbmoe.tp``).
     """
     route.require()
     T, k = topk_ids.shape
@@ -139,7 +148,8 @@ def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y):
                                     cache.order, cache.rows[:T], cache.row_slot, cache.active)
     cache.P = P
     if P == 0:
-        y[:] = 0
+        if not add:
+            y[:] = 0
         return
     gather_rows(x, cache.order, k, P, ws.xs)
     scale = np.float32(lora.scale if lora is not None else 0.0)
@@ -154,16 +164,17 @@ def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y):
         project(ws.h, cache.offsets, cache.row_slot, rows, ws.a_d, Ip, cache.xa_d)
     grouped_gemm(route, ws.h.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert,
                  cache.xa_d, ws.bt_d, Hp, scale, ws.d32, cache.d)
-    combine_rows(cache.rows[:T], cache.topk_weights[:T], ws.d32, y)
+    _combine(cache.rows[:T], cache.topk_weights[:T], ws.d32, y, add)
 
 
-def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate):
+def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate, add_input=False):
     """Run the backward of the module docstring from ``cache``; fills ``grads``.
 
-    grad_y [T, H] uint16; grads: an object with ``input`` [T, H] uint16 and
-    ``topk_weights`` [T, k] float32, and with LoRA, the six float32 gradients in
-    LoRA shapes; ``accumulate``: add into them (else overwrite the active experts'
-    parts: the caller zero-initialises).
+    grad_y [T, H] uint16; grads: an object with ``input`` [T, H] uint16 (rounded once)
+    or float32 (written, or with ``add_input`` added to, as ``forward``'s y) and
+    ``topk_weights`` [T, k] float32, and with LoRA, the six float32 gradients in LoRA
+    shapes (any strides); ``accumulate``: add into them (else overwrite the active
+    experts' parts: the caller zero-initialises).
     """
     route.require()
     T, P, S = cache.T, cache.P, cache.n_active
@@ -172,7 +183,8 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate):
     rows = cache.rows[:T]
     pair_grads(grad_y, rows, cache.topk_weights[:T], cache.d, ws.G, ws.G16, grads.topk_weights)
     if P == 0:
-        grads.input[:] = 0
+        if not add_input:
+            grads.input[:] = 0
         return
     scale = np.float32(lora.scale if lora is not None else 0.0)
     if lora is not None:
@@ -186,7 +198,7 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate):
         project(ws.dgu, cache.offsets, cache.row_slot, row_items, ws.bt_gu, Ip, ws.gb_gu)
     grouped_gemm(route, ws.dgu16.view(np.uint32), packed.gu, cache.offsets, cache.slot_of_expert,
                  ws.gb_gu, ws.a_gu, Hp, scale, ws.d32, _EMPTY_U16, transposed=True)
-    combine_rows(rows, np.ones((T, rows.shape[1]), np.float32), ws.d32, grads.input)
+    _combine(rows, np.ones((T, rows.shape[1]), np.float32), ws.d32, grads.input, add_input)
     if lora is None:
         return
     k = rows.shape[1]

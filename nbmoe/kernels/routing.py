@@ -80,13 +80,17 @@ def gather_rows(x, order, k, P, xs):
 
 
 @njit(**JIT_PARALLEL)
-def combine_rows(rows, weights, src, out):
-    """out[t] = bf16(sum_j weights[t, j] * src[rows[t, j], :H]) over j with rows >= 0.
+def combine_rows(rows, weights, src, out16, out32, add):
+    """sum_j weights[t, j] * src[rows[t, j], :H] over j with rows >= 0, in fp32: rounded once
+    into out16[t] (bf16 bits), or into out32[t] (float32; with ``add`` added to what it
+    holds: the fp32 sum over tensor-parallel parts, in part order).
 
-    rows [T, k] int64; weights [T, k] float32; src [>=P, Np] float32; out [T, H] uint16.
+    rows [T, k] int64; weights [T, k] float32; src [>=P, Np] float32; out16 [T, H] uint16
+    or empty (0, 0); out32 [T, H] float32 when out16 is empty.
     """
     T, k = rows.shape
-    H = out.shape[1]
+    bf16 = out16.shape[0] > 0
+    H = out16.shape[1] if bf16 else out32.shape[1]
     ld = src.shape[1]
     body = H - H % LANES
     for t in prange(T):
@@ -96,14 +100,34 @@ def combine_rows(rows, weights, src, out):
                 r = rows[t, j]
                 if r >= 0:
                     acc = vfma(vsplat(weights[t, j]), vload(src, r * ld + c), acc)
-            vstore_bf16(out, t * H + c, acc)
+            if bf16:
+                vstore_bf16(out16, t * H + c, acc)
+            elif add:
+                vstore(out32, t * H + c, acc + vload(out32, t * H + c))
+            else:
+                vstore(out32, t * H + c, acc)
         for c in range(body, H):
             s = np.float32(0.0)
             for j in range(k):
                 r = rows[t, j]
                 if r >= 0:
                     s += weights[t, j] * src[r, c]
-            out[t, c] = f32_to_bf16(s)
+            if bf16:
+                out16[t, c] = f32_to_bf16(s)
+            else:
+                out32[t, c] = out32[t, c] + s if add else s
+
+
+@njit(**JIT_PARALLEL)
+def round_rows(src, out):
+    """out = bf16(src), nearest even: src [T, H] float32 -> out [T, H] uint16."""
+    T, H = src.shape
+    body = H - H % LANES
+    for t in prange(T):
+        for c in range(0, body, LANES):
+            vstore_bf16(out, t * H + c, vload(src, t * H + c))
+        for c in range(body, H):
+            out[t, c] = f32_to_bf16(src[t, c])
 
 
 @njit(**JIT_PARALLEL)
