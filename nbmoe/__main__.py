@@ -138,7 +138,7 @@ def cmd_bench(args):
     gate, up, down, lora = bench.layer_weights(E, H, I, r, args.seed)
     layer, rows = bench.side_by_side(gate, up, down, lora, args.tokens, k, repeat=args.repeat,
                                      route=args.route, skew=skew, formats=args.format,
-                                     group_size=args.group_size)
+                                     group_size=args.group_size, tps=args.tp)
     route = layer.route
     ceilings = bench.measure_ceilings(route)
     print(f"route {route.name}; measured now, {numba.get_num_threads()} threads: {ceilings.peak_of} peak "
@@ -148,24 +148,25 @@ def cmd_bench(args):
           f"roofline = max(FLOP / peak, stored weight bytes / read) / time")
     raw = 3 * E * H * I * 2
     for fmt in args.format:
-        stored = next(row.stored_nbytes for row in rows if row.weight_format == fmt)
+        stored = next(row.stored_nbytes for row in rows if row.weight_format == fmt and row.tp == args.tp[0])
         group = args.group_size or bench.CHECKPOINT_GROUP.get(fmt)
         print(f"  {fmt}{f' group {group}' if group and fmt.startswith('int4') else ''}: stored "
               f"{stored / 2**20:.0f} MiB, {stored / raw:.3f} of raw bf16")
-    head = (f"{'T':>5} | {'pass':8} | {'format':9} | {'nbmoe ms':>9} | {'/ bf16':>6} | {'eager ms':>9} | "
+    head = (f"{'T':>5} | {'pass':8} | {'format':13} | {'nbmoe ms':>9} | {'/ bf16':>6} | {'eager ms':>9} | "
             f"{'speedup':>7} | {'GFLOP/s':>7} | {'roofline':>8}")
     print(head)
     print("-" * len(head))
-    base = {(row.T, row.weight_format): row for row in rows}
+    base = {(row.T, row.weight_format, row.tp): row for row in rows}
     for row in rows:
-        ref = base.get((row.T, "bf16"))
+        ref = base.get((row.T, "bf16", 1))
+        label = row.weight_format + (f" tp={row.tp}" if row.tp != 1 else "")
         for name, ours, theirs, flop, nbytes, bf16 in (
                 ("fwd", row.nbmoe_fwd_s, row.eager_fwd_s, row.fwd_flop, row.fwd_bytes,
                  ref and ref.nbmoe_fwd_s),
                 ("fwd+bwd", row.nbmoe_step_s, row.eager_step_s, row.step_flop, row.step_bytes,
                  ref and ref.nbmoe_step_s)):
             ratio = f"{ours / bf16:6.2f}" if bf16 else f"{'-':>6}"
-            print(f"{row.T:>5} | {name:8} | {row.weight_format:9} | {ours * 1e3:9.2f} | {ratio} | "
+            print(f"{row.T:>5} | {name:8} | {label:13} | {ours * 1e3:9.2f} | {ratio} | "
                   f"{theirs * 1e3:9.2f} | {theirs / ours:6.2f}x | {flop / ours / 1e9:7.1f} | "
                   f"{ceilings.roofline_s(flop, nbytes) / ours:8.2f}")
     ours, theirs, flop = bench.single_gemm(route)
@@ -260,6 +261,9 @@ def main(argv=None):
                               help="base-weight formats, side by side (ratios against bf16 when listed)")
     bench_parser.add_argument("--group-size", type=int, default=None,
                               help="int4 group (default: 32 for int4_k2, 128 for int4_awq)")
+    bench_parser.add_argument("--tp", type=int, nargs="+", default=[1],
+                              help="tensor-parallel parts of each layer, in this one process (nbmoe.tp), side by "
+                                   "side (ratios against bf16 tp=1 when listed)")
     mem = sub.add_parser("memory", help="resident memory of a multi-layer training step")
     mem.add_argument("--layers", type=int, default=4)
     for flag, default in (("-E", 8), ("-k", 8), ("-H", 2048), ("-I", 768), ("-r", 16), ("-T", 4096)):

@@ -184,6 +184,7 @@ class Row:
     step_bytes: float
     weight_format: str = "bf16"
     stored_nbytes: int = 0  # the layer's packed_nbytes
+    tp: int = 1             # tensor-parallel parts, in this one process
 
 
 # the group of each int4 format in the checkpoints users have: Kimi-K2 32, AWQ 128
@@ -191,12 +192,12 @@ CHECKPOINT_GROUP = {"int4_k2": 32, "int4_awq": 128}
 
 
 def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None, skew=None, formats=("bf16",),
-                 group_size=None):
-    """Time nbmoe (one layer per weight format in ``formats``; int4 groups ``group_size`` or
-    ``CHECKPOINT_GROUP``) and the eager baseline (bf16) on the same data
-    (``routing(T, E, k, skew=skew)``), forward and forward+backward, for each T in
-    ``tokens``; torch uses Numba's thread count. Returns (the first format's layer, rows:
-    one ``Row`` per T and format)."""
+                 group_size=None, tps=(1,)):
+    """Time nbmoe (one layer per weight format in ``formats`` and part count in ``tps``; int4
+    groups ``group_size`` or ``CHECKPOINT_GROUP``) and the eager baseline (bf16) on the same
+    data (``routing(T, E, k, skew=skew)``), forward and forward+backward, for each T in
+    ``tokens``; torch uses Numba's thread count. Returns (the first layer, rows: one ``Row``
+    per T, format and tp)."""
     import torch
 
     from .torch import to_torch
@@ -204,8 +205,9 @@ def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None, skew=Non
     torch.set_num_threads(numba.get_num_threads())
     E, I, H = gate.shape
     r = 0 if lora is None else lora.gate_a.shape[1]
-    layers = {fmt: MoELayer(gate, up, down, lora=lora, max_tokens=max(tokens), route=route, weight_format=fmt,
-                            group_size=group_size or CHECKPOINT_GROUP.get(fmt)) for fmt in formats}
+    layers = {(fmt, tp): MoELayer(gate, up, down, lora=lora, max_tokens=max(tokens), route=route, weight_format=fmt,
+                                  group_size=group_size or CHECKPOINT_GROUP.get(fmt), tp=tp)
+              for fmt in formats for tp in tps}
     eager = EagerExperts(gate, up, down, lora)
     rows = []
     for T in tokens:
@@ -225,7 +227,7 @@ def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None, skew=Non
 
         eager_times = median_time(eager_fwd, repeat), median_time(eager_step, repeat)
         fwd_flop, bwd_flop = flops(T, k, H, I, r)
-        for fmt, layer in layers.items():
+        for (fmt, tp), layer in layers.items():
             layer.forward(x, ids, weights, save_for_backward=True)
             held = layer.backward(grad_y)
 
@@ -239,8 +241,8 @@ def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None, skew=Non
             nbytes = weight_bytes(ids, E, H, I, layer.packed_nbytes)
             rows.append(Row(T, median_time(nb_fwd, repeat), eager_times[0], median_time(nb_step, repeat),
                             eager_times[1], fwd_flop, fwd_flop + bwd_flop, nbytes, 2 * nbytes, fmt,
-                            layer.packed_nbytes))
-    return layers[formats[0]], rows
+                            layer.packed_nbytes, tp))
+    return next(iter(layers.values())), rows
 
 
 def resident_bytes():

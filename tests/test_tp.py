@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import nbmoe
 from nbmoe.reference import LORA_FIELDS
-from nbmoe.tp import partition
+from nbmoe.tp import partition, vocab
 from helpers import GRAD_NAMES, Problem, assert_close, rel
 from test_formats import FORMATS, quantized
 
@@ -140,3 +140,85 @@ def test_accumulated_gradients_sum_over_parts():
     for name in LORA_FIELDS:
         assert getattr(second, name) is getattr(acc, name)
         assert rel(getattr(second, name), 2 * getattr(first, name)) <= 1e-6, name
+
+
+# --- the vocabulary ----------------------------------------------------------------------
+
+def _unsharded_cross_entropy(h, weight, labels):
+    logits = h.astype(np.float64) @ weight.astype(np.float64).T
+    top = logits.max(axis=1)
+    lse = np.log(np.exp(logits - top[:, None]).sum(axis=1)) + top
+    return lse - logits[np.arange(len(labels)), labels]
+
+
+@settings(max_examples=60, deadline=None)
+@given(V=st.integers(1, 300), tp=st.integers(1, 8), m=st.sampled_from([1, 4, 64]), D=st.integers(1, 6),
+       T=st.integers(1, 12), seed=st.integers(0, 2**31 - 1))
+def test_vocab_parts_equal_the_unsharded_vocabulary(V, tp, m, D, T, seed):
+    rng = np.random.default_rng(seed)
+    part = vocab.VocabPartition(V, tp, m)
+    assert part.padded_size % (m * tp) == 0 and V <= part.padded_size < V + m * tp
+    assert part.part_size * tp == part.padded_size
+    assert sum(part.valid(r) for r in range(tp)) == V
+    weight = rng.standard_normal((V, D)).astype(np.float32)
+    shards = vocab.shard(weight, part)
+    assert all(s.shape == (part.part_size, D) for s in shards)
+    assert np.array_equal(vocab.gather_unpad(shards, part), weight)
+    ids = rng.integers(0, V, (2, T))
+    assert np.array_equal(vocab.embedding(ids, shards, part), weight[ids])
+    h = rng.standard_normal((T, D)).astype(np.float32)
+    full = h @ weight.T
+    assert np.allclose(vocab.lm_head(h, shards, part), full, rtol=1e-5, atol=1e-5)
+    cuts = np.unique(np.concatenate([[0, T], rng.integers(1, T + 1, 3)]))
+    assert np.allclose(vocab.lm_head(h, shards, part, cu_seqlens=cuts), full[cuts[1:] - 1], rtol=1e-5, atol=1e-5)
+    labels = rng.integers(0, V, T)
+    # pad masked: the unsharded loss up to float64 rounding (Megatron's unmasked pad would add
+    # exp(0 - max) per pad row: off by far more whenever padded_size > V)
+    assert np.allclose(vocab.cross_entropy(h, shards, part, labels), _unsharded_cross_entropy(h, weight, labels),
+                       rtol=1e-12, atol=1e-12)
+    ignored = labels.copy()
+    ignored[0] = -100
+    loss = vocab.cross_entropy(h, shards, part, ignored)
+    assert loss[0] == 0 and np.array_equal(loss[1:], vocab.cross_entropy(h, shards, part, labels)[1:])
+
+
+def test_seed_65535_over_2_pads_to_two_parts_of_32768():
+    # ColossalAI's Llama with vocab_size 65535 at tp = 2: no even split without padding
+    part = vocab.VocabPartition(65535, 2)
+    assert (part.padded_size, part.part_size, part.valid(0), part.valid(1)) == (65536, 32768, 32768, 32767)
+    weight = np.arange(65535 * 2, dtype=np.float32).reshape(65535, 2)
+    shards = vocab.shard(weight, part)
+    assert np.array_equal(vocab.gather_unpad(shards, part), weight)     # gathered, then unpadded
+    # its checkpoint held one shard where the model expects the vocabulary
+    with pytest.raises(ValueError, match=r"embed: expected 65535 \(or padded 65536\) rows.*got 32768: 32768 rows look "
+                                         r"like one shard of a vocabulary of 65535 split over tp = 2 \(padded_size / tp"):
+        vocab.check_weights(shards[0], None, 65535, 2, tp=2)
+
+
+@pytest.mark.parametrize("multiple_of, part_size", [(1, 16032), (64, 16064)])
+def test_seed_128256_over_8_with_and_without_padding(multiple_of, part_size):
+    # Llama 3's vocabulary at tp = 8: 16032 rows each unpadded, 16064 padded to 64
+    part = vocab.VocabPartition(128256, 8, multiple_of)
+    assert part.part_size == part_size and part.padded_size == 8 * part_size
+    shard_rows = np.zeros((part_size, 8), np.float32)
+    with pytest.raises(ValueError, match=rf"lm_head: expected 128256 rows.*got {part_size}: {part_size} rows look "
+                                         rf"like one shard of a vocabulary of 128256 split over tp = 8"):
+        vocab.check_weights(np.zeros((128256, 8), np.float32), shard_rows, 128256, 8, multiple_of=multiple_of)
+    vocab.check_weights(np.zeros((part.padded_size, 8)), None, 128256, 8, tp=8, multiple_of=multiple_of)
+
+
+def test_vocab_errors_name_the_argument():
+    part = vocab.VocabPartition(10, 2, 1)
+    shards = vocab.shard(np.zeros((10, 3), np.float32), part)
+    with pytest.raises(ValueError, match=r"ids\[1\] = 10: expected a token id in \[0, 10\)"):
+        vocab.embedding(np.array([1, 10]), shards, part)
+    with pytest.raises(ValueError, match=r"shards: expected a list of tp = 2 arrays, got 1 shards"):
+        vocab.gather_unpad(shards[:1], part)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(V, D\) = \(10, any\), got \(9, 3\)"):
+        vocab.shard(np.zeros((9, 3)), part)
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected 0 = c0 < c1"):
+        vocab.lm_head(np.zeros((4, 3)), shards, part, cu_seqlens=np.array([0, 2, 2, 4]))
+    with pytest.raises(ValueError, match=r"embed: expected 3 columns \(the hidden size\), got 4"):
+        vocab.check_weights(np.zeros((10, 4)), None, 10, 3)
+    with pytest.raises(TypeError, match=r"part: expected nbmoe.tp.vocab.VocabPartition, got int"):
+        vocab.shard(np.zeros((10, 3)), 2)
