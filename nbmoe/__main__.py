@@ -45,10 +45,10 @@ def _shape_flags(parser, tokens):
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _bar(iterable=None, **kwargs):
-    """A tqdm progress bar on stderr, drawn only on a terminal: piped or logged output gets
-    none (every number it shows is printed afterwards)."""
-    return tqdm(iterable, disable=None, file=sys.stderr, **kwargs)
+def _bar(iterable=None, disable=None, **kwargs):
+    """A tqdm progress bar on stderr, drawn only on a terminal (``disable=None``): piped or
+    logged output gets none (every number it shows is printed afterwards)."""
+    return tqdm(iterable, disable=disable, file=sys.stderr, **kwargs)
 
 
 def _zipf_s(text):
@@ -206,17 +206,40 @@ def _needs(*modules):
     return None
 
 
+def _ranks(tp, timeout_s):
+    """Join the process group torchrun set up (gloo, collectives bounded by ``timeout_s``);
+    (rank, world); each rank gets its share of this host's cores."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp:
+        raise SystemExit(f"python -m nbmoe finetune --tp {tp}: expected {tp} processes, got WORLD_SIZE={world}; "
+                         f"run it as torchrun --nproc-per-node {tp} -m nbmoe finetune --tp {tp}")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, (os.cpu_count() or 1) // local)))
+    return dist.get_rank(), world
+
+
 def cmd_finetune(args):
     from . import finetune
 
-    _header()
+    if args.tp > 1 and args.peft:
+        raise SystemExit("python -m nbmoe finetune: --tp splits nbmoe's adapters, not PEFT's; drop --peft")
+    rank, world = _ranks(args.tp, args.timeout) if args.tp > 1 else (0, 1)
+    out = print if rank == 0 else (lambda *a, **k: None)
+    if rank == 0:
+        _header()
     cfg = finetune.TINY
-    print(f"tiny Qwen3-MoE: {cfg['num_hidden_layers']} layers, E={cfg['num_experts']} k={cfg['num_experts_per_tok']} "
-          f"H={cfg['hidden_size']} I={cfg['moe_intermediate_size']}, bf16; {'PEFT ' if args.peft else ''}"
-          f"LoRA r={args.rank} on every expert; "
-          f"AdamW lr={args.lr}; batch {args.batch} x {args.length} tokens")
+    split = f"; tensor-parallel over {world} processes" if world > 1 else ""
+    out(f"tiny Qwen3-MoE: {cfg['num_hidden_layers']} layers, E={cfg['num_experts']} k={cfg['num_experts_per_tok']} "
+        f"H={cfg['hidden_size']} I={cfg['moe_intermediate_size']}, bf16; {'PEFT ' if args.peft else ''}"
+        f"LoRA r={args.rank} on every expert; AdamW lr={args.lr}; batch {args.batch} x {args.length} tokens{split}")
 
-    bar = _bar(total=args.steps, desc="training", unit="step")
+    bar = _bar(total=args.steps, desc="training", unit="step", disable=None if rank == 0 else True)
 
     def report(step, loss):
         bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
@@ -224,14 +247,26 @@ def cmd_finetune(args):
         if step == args.steps:
             bar.close()
 
-    losses, speed = finetune.run(args.steps, args.batch, args.length, args.rank, 2.0 * args.rank, args.lr,
-                                 args.seed, report=report, peft=args.peft)
+    losses, speed, stored = finetune.run(args.steps, args.batch, args.length, args.rank, 2.0 * args.rank, args.lr,
+                                         args.seed, report=report, peft=args.peft, tp=world > 1)
     every = max(1, args.steps // 10)
     curve = ", ".join(f"{i + 1}: {losses[i]:.3f}" for i in range(0, args.steps, every))
-    print(f"loss curve (step: loss): {curve}, {args.steps}: {losses[-1]:.3f}")
-    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} ({1 - losses[-1] / losses[0]:.0%} lower)")
+    out(f"loss curve (step: loss): {curve}, {args.steps}: {losses[-1]:.3f}")
+    out(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} ({1 - losses[-1] / losses[0]:.0%} lower)")
+    if world > 1:
+        import torch.distributed as dist
+
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, (stored, bench.resident_bytes()))
+        out(f"training tokens/s: nbmoe experts {speed['nbmoe']:.0f} ({world} ranks, "
+            f"{numba.get_num_threads()} threads each)")
+        for r, (held, resident) in enumerate(per_rank):
+            out(f"rank {r}: experts stored {held / 2**20:.2f} MiB, resident {resident / 2**20:.0f} MiB")
+        dist.destroy_process_group()
+        return 0
     (_, ours), (_, eager) = speed.items()
-    print(f"training tokens/s: nbmoe experts {ours:.0f}, eager experts {eager:.0f} ({ours / eager:.2f}x)")
+    out(f"training tokens/s: nbmoe experts {ours:.0f}, eager experts {eager:.0f} ({ours / eager:.2f}x); "
+        f"experts stored {stored / 2**20:.2f} MiB")
     return 0
 
 
@@ -277,6 +312,10 @@ def main(argv=None):
     tune.add_argument("--lr", type=float, default=1e-2)
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--threads", type=int, default=None)
+    tune.add_argument("--tp", type=int, default=1,
+                      help="tensor-parallel ranks: run as torchrun --nproc-per-node N -m nbmoe finetune --tp N")
+    tune.add_argument("--timeout", type=float, default=300.0,
+                      help="seconds a collective may wait for the other ranks (--tp) before it fails")
     tune.add_argument("--peft", action="store_true",
                       help="PEFT's LoRA (get_peft_model, target_parameters on the experts) on nbmoe experts, "
                            "timed against PEFT on eager experts; needs peft")

@@ -79,13 +79,22 @@ def peft_model(model, rank, alpha):
 
 
 def run(steps=60, size=8, length=64, rank=16, alpha=32.0, lr=1e-2, seed=0, timing_steps=3, report=None,
-        peft=False):
-    """Fine-tune; returns (losses, {implementation: training tokens/s}): "nbmoe" and the
-    eager baseline ("nbmoe_reference" for nbmoe's adapters, "eager" for PEFT's)."""
+        peft=False, tp=False):
+    """Fine-tune; returns (losses, {implementation: training tokens/s}, experts bytes stored
+    here): "nbmoe" and the eager baseline ("nbmoe_reference" for nbmoe's adapters, "eager"
+    for PEFT's). ``tp``: this process is one rank of the default process group
+    (``torch.distributed`` initialised, e.g. by torchrun): the model is sharded over it
+    (``nbmoe.tp.dist.shard_model``) and only nbmoe is timed. Every rank builds the same
+    model and adapters from ``seed`` and trains on the same batches."""
     torch.set_num_threads(numba.get_num_threads())
     model = tiny_model(seed)
     model, params = peft_model(model, rank, alpha) if peft else (model, nt.add_lora(model, rank, alpha))
+    if tp:
+        from .tp.dist import shard_model
+
+        shard_model(model)
+        params = nt.lora_parameters(model)          # the sliced ones are new tensors
     losses = train(model, params, steps, size, length, lr, seed, report or (lambda step, loss: None))
-    speed = {name: tokens_per_second(model, params, name, timing_steps, size, length, seed)
-             for name in ("nbmoe", "eager" if peft else "nbmoe_reference")}
-    return losses, speed
+    names = ("nbmoe",) if tp else ("nbmoe", "eager" if peft else "nbmoe_reference")
+    speed = {name: tokens_per_second(model, params, name, timing_steps, size, length, seed) for name in names}
+    return losses, speed, nt.experts_nbytes(model)

@@ -296,12 +296,14 @@ class MoELayer:
             raise ValueError(f"topk_ids: expected k = {self._k} slots per token (the k of this "
                              f"layer's first forward, which sized its buffers), got {k}")
 
-    def forward(self, x, topk_ids, topk_weights, save_for_backward=False):
+    def forward(self, x, topk_ids, topk_weights, save_for_backward=False, partial=False):
         """y [T, H] bfloat16 from x [T, H] bfloat16 (or float32), topk_ids [T, k]
         int32/int64 (-1 = skipped slot), topk_weights [T, k] float32.
 
         With ``save_for_backward`` the forward is pushed onto the cache stack
         (``CacheOverflowError`` if full, raised before anything is written).
+        ``partial``: y as float32, not rounded - this layer's share of a sum over
+        tensor-parallel processes (``nbmoe.tp.dist``), rounded once after the reduction.
         """
         x16 = checks.bf16_bits("x", x, (None, self.hidden_size), "(T, H)")
         T = x16.shape[0]
@@ -316,14 +318,14 @@ class MoELayer:
         lora = self._lora_view()
         k = ids.shape[1]
         self._buffers(k)
-        y = np.empty((T, self.hidden_size), np.uint16)
+        y = np.empty((T, self.hidden_size), np.float32 if partial else np.uint16)
         with SHARED.lock:
             cache = None
             if save_for_backward:
                 cache = self._stack.reserve(T)
                 cache.parts[0].x[:T] = x16            # x and the routing: one copy the parts share
             # parts add their fp32 partial sums in part order, rounded once (one part: rounded directly)
-            out = y if self.tp == 1 else SHARED.array("tp.y32", (T, self.hidden_size), np.float32)
+            out = y if self.tp == 1 or partial else SHARED.array("tp.y32", (T, self.hidden_size), np.float32)
             for p, (part, packed) in enumerate(zip(self.parts, self._packed)):
                 shape = self._shape(part)
                 part_cache = cache.parts[p] if cache is not None else \
@@ -331,11 +333,11 @@ class MoELayer:
                 ws = moe.Workspace(*shape, T * k, alloc=SHARED.allocator("ws."))
                 moe.forward(self.route, packed, self._part(lora, part), x16, ids, weights, part_cache, ws, out,
                             add=p > 0)
-            if self.tp != 1:
+            if out is not y:
                 round_rows(out, y)
         if save_for_backward:
             self._stack.push(cache)
-        return y.view(checks.BF16)
+        return y if partial else y.view(checks.BF16)
 
     def _part(self, lora, part):
         """The LoRA view part ``part`` reads (the whole view when tp = 1)."""
@@ -343,7 +345,7 @@ class MoELayer:
             return lora
         return _part_lora(lora, *part, lora.rank, lora.alpha)
 
-    def backward(self, grad_y, accumulate_into=None, tag=None):
+    def backward(self, grad_y, accumulate_into=None, tag=None, partial=False):
         """Gradients of the newest saved forward (popped) from grad_y [T, H] bfloat16.
 
         Returns ``MoEGrads``; raises ``CacheEmptyError`` if no forward is saved.
@@ -352,6 +354,7 @@ class MoELayer:
         gradient accumulation over micro-batches without allocating; the returned
         ``MoEGrads`` holds those same arrays. Without it the LoRA gradients are new
         arrays. ``tag`` (see ``newest_tag``) picks a saved forward other than the newest.
+        ``partial``: ``input`` as float32, not rounded (as ``forward``'s ``partial``).
         """
         if self._stack is None:
             raise CacheEmptyError("backward: no saved forward; call forward(..., "
@@ -360,7 +363,7 @@ class MoELayer:
         T, k = cache.T, self._k
         gy = checks.bf16_bits("grad_y", grad_y, (T, self.hidden_size), "(T, H)")
         lora = self._lora_view()
-        grads = MoEGrads(input=np.empty((T, self.hidden_size), np.uint16),
+        grads = MoEGrads(input=np.empty((T, self.hidden_size), np.float32 if partial else np.uint16),
                          topk_weights=np.empty((T, k), np.float32))
         if lora is None and accumulate_into is not None:
             raise ValueError("accumulate_into: this layer has no LoRA, so no gradient to accumulate")
@@ -376,7 +379,8 @@ class MoELayer:
             else:
                 self._backward_parts(lora, cache, gy, grads, accumulate)
         self._stack.pop(cache)
-        grads.input = grads.input.view(checks.BF16)
+        if not partial:
+            grads.input = grads.input.view(checks.BF16)
         return grads
 
     def _backward_parts(self, lora, cache, gy, grads, accumulate):
@@ -385,7 +389,8 @@ class MoELayer:
         ones into their slice, shared ones summed: part 0 onto zeros or what the caller
         accumulates into)."""
         T, k = cache.parts[0].T, self._k
-        gx = SHARED.array("tp.gx32", (T, self.hidden_size), np.float32)
+        partial = grads.input.dtype == np.float32
+        gx = grads.input if partial else SHARED.array("tp.gx32", (T, self.hidden_size), np.float32)
         gw = SHARED.array("tp.gw32", (T, k), np.float32)
         for p, (part, packed) in enumerate(zip(self.parts, self._packed)):
             mine = _part_lora(grads, *part) if lora is not None else MoEGrads(None, None)
@@ -395,4 +400,5 @@ class MoELayer:
                          accumulate=accumulate or p > 0, add_input=p > 0)
             if p > 0:
                 grads.topk_weights += gw
-        round_rows(gx, grads.input)
+        if not partial:
+            round_rows(gx, grads.input)

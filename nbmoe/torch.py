@@ -351,11 +351,11 @@ class _Saved:
     def __init__(self, layer):
         self.layer, self.tag = layer, layer.newest_tag
 
-    def backward(self, grad_y):
+    def backward(self, grad_y, partial):
         if self.tag is None:
             raise RuntimeError("nbmoe experts: backward through the same forward twice (retain_graph) "
                                "is not supported; run the forward again")
-        grads = self.layer.backward(grad_y, tag=self.tag)
+        grads = self.layer.backward(grad_y, tag=self.tag, partial=partial)
         self.tag = None
         return grads
 
@@ -380,10 +380,13 @@ class ExpertsFunction(torch.autograd.Function):
     Under non-reentrant checkpointing the first pass saves no cache, only the tensor of
     a tag: unpacking it at backward makes torch recompute the region, whose forward saves
     a cache and a tensor with its tag, which is what backward reads and pops. So
-    checkpointed experts hold nothing between forward and backward."""
+    checkpointed experts hold nothing between forward and backward.
+
+    ``partial``: y and the gradient of the hidden states in float32, unrounded - one
+    tensor-parallel rank's share of a sum (``nbmoe.tp.dist``)."""
 
     @staticmethod
-    def forward(ctx, state, save, hidden_states, top_k_index, top_k_weights, *lora):
+    def forward(ctx, state, save, partial, hidden_states, top_k_index, top_k_weights, *lora):
         E = state.layer.num_experts
         ids = top_k_index.detach()
         if ids.dtype not in (torch.int32, torch.int64):
@@ -393,10 +396,10 @@ class ExpertsFunction(torch.autograd.Function):
         checkpointed = _checkpoint_pass() if save else None
         save = save and checkpointed != "first"
         y = state.layer.forward(to_numpy(hidden_states.contiguous(), "hidden_states"), ids,
-                                to_numpy(weights, "top_k_weights"), save_for_backward=save)
+                                to_numpy(weights, "top_k_weights"), save_for_backward=save, partial=partial)
         # a recomputation's cache belongs to the first pass's backward, which pops it by tag
         ctx.saved = _Saved(state.layer) if save and checkpointed is None else None
-        ctx.layer = state.layer
+        ctx.layer, ctx.partial = state.layer, partial
         ctx.save_for_backward(torch.tensor([state.layer.newest_tag if save else -1]))
         ctx.dtypes = (hidden_states.dtype, top_k_weights.dtype) + tuple(p.dtype for p in lora)
         return to_torch(y, hidden_states.dtype)
@@ -405,11 +408,13 @@ class ExpertsFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         (tag,) = ctx.saved_tensors
         grad = to_numpy(grad_y.to(torch.bfloat16).contiguous(), "grad_y")
-        grads = ctx.saved.backward(grad) if ctx.saved is not None else ctx.layer.backward(grad, tag=int(tag))
-        out = [None, None, to_torch(grads.input, ctx.dtypes[0]), None, to_torch(grads.topk_weights, ctx.dtypes[1])]
+        grads = ctx.saved.backward(grad, ctx.partial) if ctx.saved is not None else \
+            ctx.layer.backward(grad, tag=int(tag), partial=ctx.partial)
+        out = [None, None, None, to_torch(grads.input, ctx.dtypes[0]), None,
+               to_torch(grads.topk_weights, ctx.dtypes[1])]
         lora = [getattr(grads, n) for n in LORA_FIELDS] if len(ctx.dtypes) > 2 else []
         out += [to_torch(g, dtype) for g, dtype in zip(lora, ctx.dtypes[2:])]
-        return tuple(g if need else None for g, need in zip(out, (False, False) + ctx.needs_input_grad[2:]))
+        return tuple(g if need else None for g, need in zip(out, (False,) * 3 + ctx.needs_input_grad[3:]))
 
 
 def experts_forward(module, hidden_states, top_k_index, top_k_weights):
@@ -419,7 +424,17 @@ def experts_forward(module, hidden_states, top_k_index, top_k_weights):
 
 
 def _experts_apply(module, lora, hidden_states, top_k_index, top_k_weights):
-    """``module``'s experts on nbmoe with ``lora``: None or (six factor tensors, alpha)."""
+    """``module``'s experts on nbmoe with ``lora``: None or (six factor tensors, alpha); a
+    module sharded by ``nbmoe.tp.dist.shard_model`` runs its part and reduces over ranks."""
+    tp = module.__dict__.get("_nbmoe_tp")
+    if tp is not None:
+        return tp.experts(module, lora, hidden_states, top_k_index, top_k_weights)
+    return _experts_local(module, lora, hidden_states, top_k_index, top_k_weights)
+
+
+def _experts_local(module, lora, hidden_states, top_k_index, top_k_weights, partial=False):
+    """The experts this process holds (all of them, or one tensor-parallel part: then
+    ``partial`` gives y in float32, see ``ExpertsFunction``)."""
     factors = [] if lora is None else lora[0]
     state = _state(module, lora, hidden_states.shape[0], top_k_index.shape[-1])
     save = torch.is_grad_enabled() and any(t.requires_grad for t in [hidden_states, top_k_weights, *factors])
@@ -428,7 +443,7 @@ def _experts_apply(module, lora, hidden_states, top_k_index, top_k_weights):
         raise RuntimeError(f"{type(module).__name__}: nbmoe trains LoRA adapters and computes no gradient for "
                            f"base expert weights; freeze them (requires_grad_(False)) or call "
                            f"nbmoe.torch.add_lora(model, rank, alpha), which does")
-    return ExpertsFunction.apply(state, save, hidden_states, top_k_index, top_k_weights, *factors)
+    return ExpertsFunction.apply(state, save, partial, hidden_states, top_k_index, top_k_weights, *factors)
 
 
 def _runs_nbmoe(module):
@@ -475,7 +490,7 @@ def _experts_shape(module):
     stored = _stored(module)
     if stored is not None:
         return stored.shape
-    E, I2, H = module.gate_up_proj.shape
+    E, I2, H = _weight(module, "gate_up_proj").shape
     return E, I2 // 2, H
 
 
@@ -506,6 +521,13 @@ def experts_modules(model):
     return found
 
 
+def experts_nbytes(model):
+    """Bytes of the experts' base weights this process stores (bf16 tensors, or nbmoe's
+    stored copy; a sharded model's: this rank's part)."""
+    return sum(_stored(m).nbytes if _stored(m) is not None else _weight(m, "gate_up_proj").nbytes +
+               _weight(m, "down_proj").nbytes for _, m in experts_modules(model))
+
+
 def _use_nbmoe(model):
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("nbmoe")
@@ -520,12 +542,21 @@ def add_lora(model, rank, alpha, dtype=torch.float32):
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"alpha: expected a finite number, got {alpha!r}")
     params = []
-    for _, module in experts_modules(model):
+    for name, module in experts_modules(model):
+        if module.__dict__.get("_nbmoe_tp") is not None:
+            raise ValueError(f"add_lora: {name} is sharded (nbmoe.tp.dist.shard_model); add or load the "
+                             f"adapters first, then shard, so every rank starts from the same shared factors")
         _check(module)
         _add_lora(module, rank, alpha, dtype)
         params += [getattr(module, n) for n in LORA_NAMES]
     _use_nbmoe(model)
     return params
+
+
+def lora_parameters(model):
+    """Every nbmoe LoRA parameter of ``model`` (what ``add_lora`` returned; after
+    ``nbmoe.tp.dist.shard_model`` the sliced ones are new tensors: ask again)."""
+    return [getattr(m, n) for _, m in experts_modules(model) if has_lora(m) for n in LORA_NAMES]
 
 
 def lora_state_dict(model):
@@ -535,7 +566,8 @@ def lora_state_dict(model):
 
 
 def save_lora(model, path, format="nbmoe"):
-    """Write every experts module's adapters. ``format="nbmoe"``: one safetensors file,
+    """Write every experts module's adapters (a sharded model's gathered to their full
+    shapes and written by rank 0; every rank calls it). ``format="nbmoe"``: one safetensors file,
     each module's alpha in its metadata (``load_lora`` reads it). ``format="peft"``: a
     PEFT adapter folder that stock ``PeftModel.from_pretrained(base_model, path)`` loads
     (gate and up as one rank-2r adapter on ``gate_up_proj``, see ``nbmoe.peft``; needs
@@ -547,13 +579,20 @@ def save_lora(model, path, format="nbmoe"):
     modules = [(name, m) for name, m in experts_modules(model) if has_lora(m)]
     if not modules:
         raise ValueError(f"save_lora: {type(model).__name__} has no LoRA adapters; call add_lora first")
+    state = lora_state_dict(model)
+    if getattr(model, "_nbmoe_tp", None) is not None:      # sharded: the full adapter, from rank 0
+        from .tp.dist import gather_lora
+
+        state = gather_lora(model)
+        if state is None:
+            return
     if format == "peft":
         base = getattr(getattr(model, "config", None), "name_or_path", None) or None
-        peft_format.write(path, {name: (m, {f: getattr(m, n) for f, n in zip(LORA_FIELDS, LORA_NAMES)},
+        peft_format.write(path, {name: (m, {f: state[f"{name}.{n}"] for f, n in zip(LORA_FIELDS, LORA_NAMES)},
                                         m.lora_alpha) for name, m in modules}, base)
         return
     alphas = {name: m.lora_alpha for name, m in modules}
-    save_file({k: v.contiguous() for k, v in lora_state_dict(model).items()}, str(path),
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path),
               metadata={"format": "nbmoe-lora", "lora_alpha": json.dumps(alphas)})
 
 
@@ -581,11 +620,15 @@ def load_lora(model, path):
     """Load adapters (adding them where missing) and switch the model to nbmoe: a file
     written by ``save_lora``, or a PEFT adapter folder (written by ``save_lora(...,
     format="peft")`` or trained with PEFT on the experts' ``gate_up_proj`` / ``down_proj``,
-    see ``nbmoe.peft``). Every experts module must find its adapters, of matching shapes."""
+    see ``nbmoe.peft``). Every experts module must find its adapters, of matching shapes;
+    a sharded model takes each rank's slice of the full adapter."""
     modules = dict(experts_modules(model))
     read = peft_format.read if peft_format.is_folder(path) else _read_lora
     for name, (factors, alpha) in read(path, modules).items():
         module = modules[name]
+        part = module.__dict__.get("_nbmoe_tp")
+        if part is not None:                       # sharded: this rank's slice of the full adapter
+            factors = {f: part.slice_lora(f, t) for f, t in factors.items()}
         if not has_lora(module):
             _check(module)
             _add_lora(module, factors["gate_a"].shape[1], alpha, factors["gate_a"].dtype)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import termios
 
+import numpy as np
 import pytest
 
 from nbmoe.__main__ import main
@@ -112,6 +113,29 @@ def test_finetune_prints_the_loss_curve_and_speed(peft):
     assert "loss curve (step: loss): 1:" in done.stdout and "training tokens/s: nbmoe experts" in done.stdout
     assert ("PEFT LoRA r=4" in done.stdout) == bool(peft)
     assert "training" not in done.stderr and "\r" not in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun_prints_the_same_curve_per_rank_memory_and_speed():
+    args = ["--steps", "3", "--batch", "2", "--length", "16", "--rank", "4"]
+    single = _run("finetune", *args)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "nbmoe",
+                           "finetune", "--tp", "2", "--timeout", "60", *args],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    curve = [line for line in done.stdout.splitlines() if line.startswith("loss curve")]
+    assert len(curve) == 1                                  # printed once, by rank 0
+
+    def losses(text):
+        line = next(line for line in text.splitlines() if line.startswith("loss curve"))
+        return [float(item.split(": ")[1]) for item in line.split("): ")[1].split(", ")]
+
+    assert np.allclose(losses(done.stdout), losses(single.stdout), rtol=0, atol=2e-3)
+    assert "training tokens/s: nbmoe experts" in done.stdout and "(2 ranks" in done.stdout
+    assert "rank 0: experts stored 12.00 MiB" in done.stdout and "rank 1: experts stored 12.00 MiB" in done.stdout
+    assert "experts stored 24.00 MiB" in single.stdout
+    wrong = _run("finetune", "--tp", "2", *args)            # not under torchrun
+    assert wrong.returncode != 0 and "run it as torchrun --nproc-per-node 2" in wrong.stderr
 
 
 def test_commands_needing_torch_say_how_to_install_it(monkeypatch, capsys):

@@ -222,3 +222,16 @@ def test_vocab_errors_name_the_argument():
         vocab.check_weights(np.zeros((10, 4)), None, 10, 3)
     with pytest.raises(TypeError, match=r"part: expected nbmoe.tp.vocab.VocabPartition, got int"):
         vocab.shard(np.zeros((10, 3)), 2)
+
+
+@pytest.mark.parametrize("tp", [1, 3])
+def test_partial_outputs_are_the_fp32_sums_before_rounding(tp):
+    problem = Problem(seed=7, E=4, k=2, H=64, I=96, r=2, T=8)
+    layer = nbmoe.MoELayer(problem.gate, problem.up, problem.down, lora=problem.lora, max_tokens=8, tp=tp)
+    y, grads = problem.run(layer)
+    y32 = layer.forward(problem.x, problem.topk_ids, problem.topk_weights, save_for_backward=True, partial=True)
+    g32 = layer.backward(problem.grad_y, partial=True)
+    assert y32.dtype == np.float32 and g32.input.dtype == np.float32
+    assert np.array_equal(y32.astype(y.dtype), y) and np.array_equal(g32.input.astype(grads.input.dtype), grads.input)
+    for name in ("topk_weights",) + LORA_FIELDS:
+        assert np.array_equal(getattr(g32, name), getattr(grads, name)), name

@@ -197,15 +197,16 @@ def _shard_hint(rows, vocab_size, multiple_of):
 
 
 def check_weights(embed, lm_head, vocab_size, hidden, tp=1, multiple_of=64):
-    """``ValueError`` naming the tensor unless ``embed`` (and ``lm_head``, None when tied)
-    is [V, hidden] or [padded_size, hidden] of ``VocabPartition(vocab_size, tp, multiple_of)``;
+    """``ValueError`` naming the tensor unless ``embed`` and ``lm_head`` (either None: tied,
+    or not given) are [V, hidden] or [padded_size, hidden] of ``VocabPartition(vocab_size,
+    tp, multiple_of)``;
     a tensor of a shard's rows (V / tp or padded_size / tp for a tp in 2..64) is named as
     such, with the likely tp and how to merge."""
     vocab_size = checks.integer("vocab_size", vocab_size, 1)
     hidden = checks.integer("hidden", hidden, 1)
     padded = VocabPartition(vocab_size, tp, multiple_of).padded_size
     for name, w in (("embed", embed), ("lm_head", lm_head)):
-        if w is None and name == "lm_head":
+        if w is None:
             continue
         shape = tuple(getattr(w, "shape", ()))
         if len(shape) != 2:
