@@ -266,7 +266,7 @@ def cmd_finetune(args):
         return 0
     (_, ours), (_, eager) = speed.items()
     out(f"training tokens/s: nbmoe experts {ours:.0f}, eager experts {eager:.0f} ({ours / eager:.2f}x); "
-        f"experts stored {stored / 2**20:.2f} MiB")
+        f"experts stored {stored / 2**20:.2f} MiB, resident {bench.resident_bytes() / 2**20:.0f} MiB")
     return 0
 
 
