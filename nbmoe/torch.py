@@ -55,6 +55,9 @@ rather than return none silently.
 
 transformers' expert-parallel sentinel (an id equal to ``num_experts``) is a skipped
 slot (nbmoe's ``-1``).
+
+A module sharded by ``nbmoe.tp.dist.shard_model`` (``module._nbmoe_tp``) runs its part of
+the experts with fp32 outputs (``ExpertsFunction``'s ``partial``) and reduces over ranks.
 """
 
 import contextlib

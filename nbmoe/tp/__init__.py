@@ -5,6 +5,7 @@
   part stores only its slice of the base weights, reads LoRA slices as views, and the
   parts' partial sums are added in fp32, in part order, then rounded once.
 - ``nbmoe.tp.vocab``: the vocabulary split over parts (embedding, LM head, cross-entropy).
+- ``nbmoe.tp.dist``: the same over ``torch.distributed``, one part per process (torch).
 """
 
 from .. import checks

@@ -133,10 +133,7 @@ def _experts_plan(name, module, world):
 def _shard_experts(name, module, part):
     i0, i1 = part.range
     stored = nt.stored_experts(module)
-    if stored is not None:
-        if stored.parts is None:
-            raise ValueError(f"{name}: its quantized experts were packed by a forward already; shard the model "
-                             f"before running it")
+    if stored is not None:                # unpacked: shard_model checked
         gate, up, down = stored.parts
         nt._store(module, nt.StoredExperts(name, _owned(gate.slice(1, i0, i1)), _owned(up.slice(1, i0, i1)),
                                            _owned(down.slice(2, i0, i1))))
