@@ -124,8 +124,7 @@ def read(path, modules):
 
     found = {}
     for name, module in modules.items():
-        shape = _experts_shape(module)
-        E, parts = shape[0], {}
+        E, parts = _experts_shape(module)[0], {}
         for p, (key_a, key_b) in _keys(name, module).items():
             if key_a not in tensors or key_b not in tensors:
                 raise ValueError(f"load_lora: {path} lacks {key_a if key_a not in tensors else key_b}")
@@ -138,19 +137,21 @@ def read(path, modules):
                                  f"expected [E * r, K] with E = {E}, r = {rank}")
             scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
             parts[p] = (*from_peft(tensors[key_a], tensors[key_b], E), scaling)
-        found[name] = _six(parts, split, shape)
+        found[name] = _six(parts, split)
     return found
 
 
-def _six(parts, split, shape):
-    """nbmoe's six factors (separate tensors) and alpha from a folder's adapters."""
+def _six(parts, split):
+    """nbmoe's six factors (separate tensors) and alpha from a folder's adapters, at the
+    adapters' own (full) sizes: a sharded model slices them afterwards."""
+    (a, b, s), (a_d, b_d, s_d) = parts["gate_up_proj"], parts["down_proj"]
     if split:
-        (a, b, s), (a_d, b_d, s_d) = parts["gate_up_proj"], parts["down_proj"]
-        I, r = shape[1], a.shape[1] // 2
+        I, r = b.shape[1] // 2, a.shape[1] // 2
         f = dict(gate_a=a[:, :r], gate_b=b[:, :I, :r], up_a=a[:, r:], up_b=b[:, I:, r:], down_a=a_d,
                  down_b=b_d if s_d == s else b_d * (s_d / s))
         alpha = s * r
     else:
+        shape = (a.shape[0], b.shape[1] // 2, a.shape[2])            # E, I, H of the adapter
         six, alpha = factors([parts["gate_up_proj"]], [parts["down_proj"]], shape)
         f = dict(zip(LORA_FIELDS, six))
         f["up_a"] = f["up_a"].clone()              # its own parameter from now on

@@ -79,8 +79,16 @@ def _load_full_weights(rank, world, out):
     return dict(logits=logits, error=error)
 
 
+def _load_peft_folder(rank, world, out):
+    model = tpd.shard_model(build(qwen3()))                     # no adapters yet: load_lora adds them
+    nt.load_lora(model, os.path.join(out, "peft"))
+    with torch.no_grad():
+        return tpd.gather_logits(model(tokens(4)).logits, model._nbmoe_tp.vocab)
+
+
 SCENARIOS = {"train": _train_sharded, "train_int8": lambda r, w, o: _train_sharded(r, w, o, "int8"),
-             "unsplittable": _unsplittable, "one_rank_fails": _one_rank_fails, "load_full": _load_full_weights}
+             "unsplittable": _unsplittable, "one_rank_fails": _one_rank_fails, "load_full": _load_full_weights,
+             "load_peft": _load_peft_folder}
 
 
 def _rank(rank, world, store, out, scenario, timeout):
@@ -172,3 +180,14 @@ def test_full_weights_load_into_a_sharded_model_and_shards_are_caught(tmp_path):
         # 128 rows padded to 128 at tp=2 (m=64): a rank's shard is 64 = V / 2
         assert r["error"] is not None and r["error"].startswith("embed: expected 128 rows (the vocabulary), got 64: "
                                                                 "64 rows look like one shard"), r["error"]
+
+
+@pytest.mark.slow
+def test_a_peft_folder_loads_into_a_sharded_model(tmp_path):
+    model = build(qwen3())
+    with_lora(model)
+    nt.save_lora(model, tmp_path / "peft", format="peft")
+    with torch.no_grad():
+        want = model(tokens(4)).logits
+    for logits in spawn(tmp_path, "load_peft", 2):
+        assert rel(logits.float().numpy(), want.float().numpy()) <= 0.02
