@@ -262,6 +262,7 @@ def cmd_finetune(args):
             f"{numba.get_num_threads()} threads each)")
         for r, (held, resident) in enumerate(per_rank):
             out(f"rank {r}: experts stored {held / 2**20:.2f} MiB, resident {resident / 2**20:.0f} MiB")
+        dist.barrier()              # every rank done with its peers before any tears the group down
         dist.destroy_process_group()
         return 0
     (_, ours), (_, eager) = speed.items()

@@ -100,6 +100,7 @@ def _rank(rank, world, store, out, scenario, timeout):
                             timeout=timeout)
     result = SCENARIOS[scenario](rank, world, out)      # an error ends this process, and spawn the others
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()                  # no rank tears its connections down while a peer still uses them
     dist.destroy_process_group()
 
 
