@@ -47,16 +47,18 @@ def load(src, active, n_active, dst, row0, col0, width):
 
     src [E, R, K] float32 or uint16 (bf16 bits), any strides: a transposed view of
     B [E, N, R] loads B^T, read rank-outer; dst [>=S, >=row0+R, >=col0+width] float32, C
-    (written contiguously along k).
+    (written contiguously along k). Row by row through 1-D views: a C-contiguous source
+    row is a unit-stride copy the compiler vectorises (Zen 4, 2 threads, A of [128, 16,
+    2048] float32: 1.5 -> 0.4-0.55 ms; B^T through its strided view stays at ~1.8).
     """
     _, R, K = src.shape
     for s in prange(n_active):
         e = active[s]
         for q in range(R):
+            row, factor = dst[s, row0 + q, col0:col0 + width], src[e, q]
             for k in range(K):
-                dst[s, row0 + q, col0 + k] = as_f32(src[e, q, k])
-            for k in range(K, width):
-                dst[s, row0 + q, col0 + k] = 0
+                row[k] = as_f32(factor[k])
+            row[K:] = 0
 
 
 @njit(**JIT_PARALLEL)
@@ -67,9 +69,9 @@ def store(acc, active, n_active, row0, col0, scale, accumulate, out):
     for s in prange(n_active):
         e = active[s]
         for q in range(R):
+            row, grad = acc[s, row0 + q, col0:col0 + K], out[e, q]
             for k in range(K):
-                value = scale * acc[s, row0 + q, col0 + k]
-                out[e, q, k] = out[e, q, k] + value if accumulate else value
+                grad[k] = grad[k] + scale * row[k] if accumulate else scale * row[k]
 
 
 @njit(**JIT)
