@@ -17,7 +17,7 @@ from .kernels.routing import round_rows
 from .quant import QuantizedWeight, quantize
 from .scratch import SHARED
 from .reference import LORA_FIELDS
-from .tp import partition
+from .tp import lora_part, partition
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4_awq", "int4_k2")
 DEFAULT_GROUP_SIZE = 128             # int4 quantized online: AWQ's usual group
@@ -84,12 +84,8 @@ class _LoRAView:
 
 def _part_lora(holder, i0, i1, rank=None, alpha=None):
     """What tensor-parallel part [i0, i1) of I reads of six LoRA arrays (factors, or their
-    gradients): views, never copies. ``gate_b``, ``up_b`` rows and ``down_a`` columns are
-    sliced; ``gate_a``, ``up_a``, ``down_b`` are shared by every part."""
-    arrays = {name: getattr(holder, name) for name in LORA_FIELDS}
-    for name in ("gate_b", "up_b"):
-        arrays[name] = arrays[name][:, i0:i1]
-    arrays["down_a"] = arrays["down_a"][:, :, i0:i1]
+    gradients): views, never copies (``nbmoe.tp.lora_part``)."""
+    arrays = {name: lora_part(name, getattr(holder, name), i0, i1) for name in LORA_FIELDS}
     return _LoRAView(arrays, rank, alpha) if rank is not None else MoEGrads(None, None, **arrays)
 
 
@@ -160,7 +156,17 @@ def base_weights(gate_proj, up_proj, down_proj, weight_format, group_size):
     return fmt, group_size, parts
 
 
-def _part_weights(weights, i0, i1):
+def expert_parts(I, tp, weight_format, group_size):
+    """``nbmoe.tp.partition`` of an experts' I into ``tp`` parts, int4 formats on their K
+    groups of ``group_size`` (down_proj's K is I); a ValueError that says so."""
+    int4 = weight_format.startswith("int4")
+    try:
+        return partition(I, tp, group_size if int4 else 1)
+    except ValueError as err:
+        raise ValueError(f"{err}{f'; int4 parts align to group_size = {group_size}' if int4 else ''}") from None
+
+
+def part_weights(weights, i0, i1):
     """The gate, up, down weights part [i0, i1) of I stores: gate/up rows, down columns
     (views; ``PackedWeights`` packs them into the part's own arrays)."""
     gate, up, down = weights
@@ -195,11 +201,7 @@ class MoELayer:
         self.cache_depth = checks.integer("cache_depth", cache_depth, 0)
         fmt, group_size, weights = base_weights(gate_proj, up_proj, down_proj, weight_format, group_size)
         E, I, H = weights[0].shape
-        try:
-            self.parts = partition(I, tp, group_size if fmt.startswith("int4") else 1)
-        except ValueError as err:
-            why = f"; int4 parts align to group_size = {group_size}" if fmt.startswith("int4") else ""
-            raise ValueError(f"{err}{why}") from None
+        self.parts = expert_parts(I, tp, fmt, group_size)
         self.num_experts, self.intermediate_size, self.hidden_size = E, I, H
         self.weight_format, self.group_size = fmt, group_size
         self.tp = tp
@@ -211,7 +213,7 @@ class MoELayer:
         if route is not None:
             checks.choice("route", route, ROUTES)
         self.route = choose_route(route)
-        self._packed = [moe.PackedWeights(*_part_weights(weights, i0, i1), fmt) for i0, i1 in self.parts]
+        self._packed = [moe.PackedWeights(*part_weights(weights, i0, i1), fmt) for i0, i1 in self.parts]
         self._k = None
         self._stack = None
 
@@ -373,32 +375,24 @@ class MoELayer:
                     else _accumulator(accumulate_into, name, shape))
         accumulate = accumulate_into is not None
         with SHARED.lock:
-            if self.tp == 1:
-                ws = moe.Workspace(*self._shape(), T * k, alloc=SHARED.allocator("ws."))
-                moe.backward(self.route, self._packed[0], lora, cache.parts[0], ws, gy, grads, accumulate)
-            else:
-                self._backward_parts(lora, cache, gy, grads, accumulate)
+            # parts in part order: grad_x summed in fp32 and rounded once (one part: written
+            # directly), grad_w summed in fp32; every part adds its LoRA gradients into views
+            # of ``grads`` (sliced ones into their slice, shared ones summed: part 0 onto
+            # zeros or what the caller accumulates into)
+            gx = grads.input if self.tp == 1 or partial else \
+                SHARED.array("tp.gx32", (T, self.hidden_size), np.float32)
+            gw = SHARED.array("tp.gw32", (T, k), np.float32)
+            for p, (part, packed) in enumerate(zip(self.parts, self._packed)):
+                mine = _part_lora(grads, *part) if lora is not None else MoEGrads(None, None)
+                mine.input, mine.topk_weights = gx, grads.topk_weights if p == 0 else gw
+                ws = moe.Workspace(*self._shape(part), T * k, alloc=SHARED.allocator("ws."))
+                moe.backward(self.route, packed, self._part(lora, part), cache.parts[p], ws, gy, mine,
+                             accumulate=accumulate or p > 0, add_input=p > 0)
+                if p > 0:
+                    grads.topk_weights += gw
+            if gx is not grads.input:
+                round_rows(gx, grads.input)
         self._stack.pop(cache)
         if not partial:
             grads.input = grads.input.view(checks.BF16)
         return grads
-
-    def _backward_parts(self, lora, cache, gy, grads, accumulate):
-        """The parts' backward in part order: grad_x summed in fp32 and rounded once, grad_w
-        summed in fp32; every part adds its LoRA gradients into views of ``grads`` (sliced
-        ones into their slice, shared ones summed: part 0 onto zeros or what the caller
-        accumulates into)."""
-        T, k = cache.parts[0].T, self._k
-        partial = grads.input.dtype == np.float32
-        gx = grads.input if partial else SHARED.array("tp.gx32", (T, self.hidden_size), np.float32)
-        gw = SHARED.array("tp.gw32", (T, k), np.float32)
-        for p, (part, packed) in enumerate(zip(self.parts, self._packed)):
-            mine = _part_lora(grads, *part) if lora is not None else MoEGrads(None, None)
-            mine.input, mine.topk_weights = gx, grads.topk_weights if p == 0 else gw
-            ws = moe.Workspace(*self._shape(part), T * k, alloc=SHARED.allocator("ws."))
-            moe.backward(self.route, packed, self._part(lora, part), cache.parts[p], ws, gy, mine,
-                         accumulate=accumulate or p > 0, add_input=p > 0)
-            if p > 0:
-                grads.topk_weights += gw
-        if not partial:
-            round_rows(gx, grads.input)

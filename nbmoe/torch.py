@@ -62,11 +62,14 @@ the experts with fp32 outputs (``ExpertsFunction``'s ``partial``) and reduces ov
 
 import contextlib
 import copy
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import json
 import math
 import numbers
 import os
+import sys
 import types
 import warnings
 
@@ -582,13 +585,14 @@ def save_lora(model, path, format="nbmoe"):
     modules = [(name, m) for name, m in experts_modules(model) if has_lora(m)]
     if not modules:
         raise ValueError(f"save_lora: {type(model).__name__} has no LoRA adapters; call add_lora first")
-    state = lora_state_dict(model)
     if getattr(model, "_nbmoe_tp", None) is not None:      # sharded: the full adapter, from rank 0
         from .tp.dist import gather_lora
 
         state = gather_lora(model)
         if state is None:
             return
+    else:
+        state = lora_state_dict(model)
     if format == "peft":
         base = getattr(getattr(model, "config", None), "name_or_path", None) or None
         peft_format.write(path, {name: (m, {f: state[f"{name}.{n}"] for f, n in zip(LORA_FIELDS, LORA_NAMES)},
@@ -972,25 +976,52 @@ def from_pretrained(path, weight_format=None, group_size=None, model_class=None,
     return model
 
 
+def _route_peft(layer_module):
+    """Make PEFT's ``ParamWrapper.forward`` (in ``peft.tuners.lora.layer``) ``_peft_forward``."""
+    global _PEFT_FORWARD
+    wrapper = layer_module.ParamWrapper
+    if wrapper.forward is not _peft_forward:
+        _PEFT_FORWARD, wrapper.forward = wrapper.forward, _peft_forward
+
+
+class _PeftOnImport(importlib.abc.MetaPathFinder):
+    """Routes PEFT's ParamWrapper when peft's LoRA layers are first imported, so importing
+    nbmoe.torch does not import peft (about a second) for those who never use it."""
+
+    def find_spec(self, name, path, target=None):
+        if name != PEFT_LAYERS:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                _route_peft(module)
+            spec.loader.exec_module = exec_module
+        return spec
+
+
 def register():
     """Register ``"nbmoe"`` (and ``"nbmoe_reference"``) in transformers' ExpertsInterface,
     and, where peft is installed, route PEFT's LoRA on nbmoe experts to nbmoe (its
     ``ParamWrapper.forward`` becomes ``_peft_forward``, which hands every other case back
-    to PEFT). False without transformers."""
-    global _PEFT_FORWARD
+    to PEFT): now if peft's LoRA layers are imported, else when they are. False without
+    transformers."""
     try:
         from transformers.integrations.moe import ExpertsInterface
     except ImportError:
         return False
     ExpertsInterface.register("nbmoe", experts_forward)
     ExpertsInterface.register("nbmoe_reference", reference_experts_forward)
-    if importlib.util.find_spec("peft") is not None:
-        from peft.tuners.lora.layer import ParamWrapper
-
-        if ParamWrapper.forward is not _peft_forward:
-            _PEFT_FORWARD, ParamWrapper.forward = ParamWrapper.forward, _peft_forward
+    if PEFT_LAYERS in sys.modules:
+        _route_peft(sys.modules[PEFT_LAYERS])
+    elif importlib.util.find_spec("peft") is not None and not any(isinstance(f, _PeftOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PeftOnImport())
     return True
 
 
+PEFT_LAYERS = "peft.tuners.lora.layer"
 _PEFT_FORWARD = None
 REGISTERED = register()

@@ -2,6 +2,9 @@
 ``gate_up_proj`` / ``down_proj``) run by the "nbmoe" experts implementation, and nbmoe's
 adapters written as a PEFT folder that stock PEFT loads."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -242,3 +245,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     loss, grads = loss_and_grads(pm, ids)
     assert loss == plain[0] and grads.keys() == plain[1].keys()
     assert all(np.array_equal(grads[n], plain[1][n]) for n in grads)      # recomputed: the same bits
+
+
+def test_importing_nbmoe_torch_leaves_peft_unimported_and_routes_it_when_imported():
+    code = ("import sys, nbmoe.torch as nt; assert 'peft' not in sys.modules; "
+            "from peft.tuners.lora.layer import ParamWrapper; print(ParamWrapper.forward is nt._peft_forward)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"

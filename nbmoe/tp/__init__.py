@@ -10,6 +10,19 @@
 
 from .. import checks
 
+# the LoRA factors a part slices, and the axis of I in each (B rows of gate/up, A columns of
+# down); gate_a, up_a and down_b are shared by every part
+SLICED = {"gate_b": 1, "up_b": 1, "down_a": 2}
+
+
+def lora_part(name, factor, i0, i1):
+    """Part [i0, i1) of I of the LoRA factor ``name`` (an array or tensor in LoRA shape, or
+    its gradient) as a view; a shared factor as it is."""
+    axis = SLICED.get(name)
+    if axis is None:
+        return factor
+    return factor[:, i0:i1] if axis == 1 else factor[:, :, i0:i1]
+
 
 def partition(I, tp, align=1):
     """[(i0, i1), ...]: ``tp`` contiguous, non-empty ranges covering [0, I), every boundary

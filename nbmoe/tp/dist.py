@@ -30,12 +30,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import torch as nt
+from ..layer import expert_parts, part_weights
 from ..quant import QuantizedWeight
 from ..reference import LORA_FIELDS
-from . import partition
+from . import SLICED, lora_part
 from .vocab import VocabPartition, check_weights
-
-SLICED = ("gate_b", "up_b", "down_a")     # LoRA factors split on I; the others are shared by every rank
 
 
 def _all_reduce(t, group, op=dist.ReduceOp.SUM):
@@ -105,10 +104,20 @@ class ExpertsPart(_Part):
 
     def slice_lora(self, field, full):
         """This part of a full-size LoRA factor (a copy), or the factor itself if shared."""
-        if field not in SLICED:
-            return full
-        i0, i1 = self.range
-        return (full[:, i0:i1] if field.endswith("_b") else full[:, :, i0:i1]).contiguous().clone()
+        return _owned_tensor(lora_part(field, full, *self.range)) if field in SLICED else full
+
+    def slice_gate_up(self, gate_up):
+        """This part of a full fused gate_up [E, 2I, H] (gate rows, then up rows), a new tensor."""
+        (i0, i1), I = self.range, self.size
+        return torch.cat([gate_up[:, i0:i1], gate_up[:, I + i0:I + i1]], dim=1)
+
+    def slice_down(self, down):
+        """This part of a full down [E, H, I] (its columns), a new tensor."""
+        return _owned_tensor(down[:, :, slice(*self.range)])
+
+
+def _owned_tensor(view):
+    return view.clone(memory_format=torch.contiguous_format)
 
 
 def _owned(w):
@@ -117,37 +126,34 @@ def _owned(w):
     return QuantizedWeight(w.format, w.shape, w.group_size, w.codes.copy(), w.scales.copy(), zeros)
 
 
-def _experts_plan(name, module, world):
-    """partition of the module's I for ``world`` ranks (int4 on its groups), or a ValueError
-    naming the module."""
+def _experts_part(name, module, group, rank, world):
+    """The ``ExpertsPart`` of one experts module for this rank, or a ValueError naming the
+    module: a world its I (int4: its groups) cannot be split into, or quantized experts a
+    forward already packed (their QuantizedWeight are gone)."""
     E, I, H = nt._experts_shape(module)
     stored = nt.stored_experts(module)
-    align = stored.group_size if stored is not None and stored.format.startswith("int4") else 1
+    if stored is not None and stored.parts is None:
+        raise ValueError(f"{name}: its quantized experts were packed by a forward already; shard the model "
+                         f"before running it")
+    fmt, group_size = ("bf16", None) if stored is None else (stored.format, stored.group_size)
     try:
-        return partition(I, world, align)
+        parts = expert_parts(I, world, fmt, group_size)
     except ValueError as err:
-        why = f"; int4 parts align to group_size = {align}" if align > 1 else ""
-        raise ValueError(f"{name}: {err}{why}") from None
+        raise ValueError(f"{name}: {err}") from None
+    return ExpertsPart(group, rank, world, parts, I)
 
 
 def _shard_experts(name, module, part):
-    i0, i1 = part.range
     stored = nt.stored_experts(module)
-    if stored is not None:                # unpacked: shard_model checked
-        gate, up, down = stored.parts
-        nt._store(module, nt.StoredExperts(name, _owned(gate.slice(1, i0, i1)), _owned(up.slice(1, i0, i1)),
-                                           _owned(down.slice(2, i0, i1))))
+    if stored is not None:
+        nt._store(module, nt.StoredExperts(name, *(_owned(w) for w in part_weights(stored.parts, *part.range))))
     else:
-        gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
-        I = part.size
-        local = torch.cat([gate_up[:, i0:i1], gate_up[:, I + i0:I + i1]], dim=1)
-        module.gate_up_proj = nn.Parameter(local.clone(), requires_grad=False)
-        module.down_proj = nn.Parameter(down[:, :, i0:i1].contiguous().clone(), requires_grad=False)
+        module.gate_up_proj = nn.Parameter(part.slice_gate_up(module.gate_up_proj.detach()), requires_grad=False)
+        module.down_proj = nn.Parameter(part.slice_down(module.down_proj.detach()), requires_grad=False)
     if nt.has_lora(module):
         for field, pname in zip(LORA_FIELDS, nt.LORA_NAMES):
             if field in SLICED:
-                full = getattr(module, pname).detach()
-                setattr(module, pname, nn.Parameter(part.slice_lora(field, full)))
+                setattr(module, pname, nn.Parameter(part.slice_lora(field, getattr(module, pname).detach())))
     module.__dict__.pop("_nbmoe_state", None)
     module.__dict__["_nbmoe_tp"] = part
 
@@ -292,19 +298,15 @@ def shard_model(model, group=None, multiple_of=64):
     if wrapped:
         raise ValueError(f"shard_model: {wrapped[0]} carries a PEFT adapter, which tensor parallelism does not "
                          f"split; train nbmoe's adapters (nbmoe.torch.add_lora, or load_lora of a PEFT folder)")
-    experts = [(name, module, _experts_plan(name, module, world)) for name, module in nt.experts_modules(model)]
-    for name, module in nt.experts_modules(model):
-        stored = nt.stored_experts(module)
-        if stored is not None and stored.parts is None:
-            raise ValueError(f"{name}: its quantized experts were packed by a forward already; shard the model "
-                             f"before running it")
+    experts = [(name, module, _experts_part(name, module, group, rank, world))
+               for name, module in nt.experts_modules(model)]
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     V, D = model.config.vocab_size, model.config.hidden_size
     check_weights(embed.weight, None if head is None else head.weight, V, D)
     part = VocabPartition(V, world, multiple_of)
     tied = head is not None and head.weight is embed.weight
-    for name, module, parts in experts:
-        _shard_experts(name, module, ExpertsPart(group, rank, world, parts, nt._experts_shape(module)[1]))
+    for name, module, mine in experts:
+        _shard_experts(name, module, mine)
     local = nn.Parameter(_vocab_shard(embed.weight, part, rank), requires_grad=embed.weight.requires_grad)
     model.set_input_embeddings(VocabParallelEmbedding(local, part, group))
     if head is not None:
@@ -315,10 +317,6 @@ def shard_model(model, group=None, multiple_of=64):
     model._nbmoe_tp = _Part(group, rank, world, [part.range(r) for r in range(world)], V, vocab=part)
     nt._use_nbmoe(model)
     return model
-
-
-def is_sharded(model):
-    return getattr(model, "_nbmoe_tp", None) is not None
 
 
 def gather_lora(model):
@@ -335,7 +333,7 @@ def gather_lora(model):
             if field in SLICED:
                 pieces = [None] * info.world
                 dist.all_gather_object(pieces, t, group=info.group)
-                t = torch.cat(pieces, dim=1 if field.endswith("_b") else 2)
+                t = torch.cat(pieces, dim=SLICED[field])
             full[f"{name}.{pname}"] = t
     return full if info.rank == 0 else None
 
@@ -350,19 +348,14 @@ def shard_state_dict(model, state_dict):
     out = dict(state_dict)
     for name, module in nt.experts_modules(model):
         mine = module._nbmoe_tp
-        i0, i1 = mine.range
         I = mine.size
-        key = f"{name}.gate_up_proj"
-        if key in out:
-            gu = out[key]
-            if gu.shape[1] != 2 * I:
-                raise ValueError(f"{key}: expected the full {2 * I} rows (2 I), got {tuple(gu.shape)}: a shard?")
-            out[key] = torch.cat([gu[:, i0:i1], gu[:, I + i0:I + i1]], dim=1)
-        key = f"{name}.down_proj"
-        if key in out:
-            if out[key].shape[2] != I:
-                raise ValueError(f"{key}: expected the full {I} columns (I), got {tuple(out[key].shape)}: a shard?")
-            out[key] = out[key][:, :, i0:i1]
+        for key, axis, full, cut in ((f"{name}.gate_up_proj", 1, 2 * I, mine.slice_gate_up),
+                                     (f"{name}.down_proj", 2, I, mine.slice_down)):
+            if key in out:
+                if out[key].shape[axis] != full:
+                    raise ValueError(f"{key}: expected the full {full} along axis {axis} (I = {I}), got "
+                                     f"{tuple(out[key].shape)}: a shard?")
+                out[key] = cut(out[key])
         for field, pname in zip(LORA_FIELDS, nt.LORA_NAMES):
             if f"{name}.{pname}" in out:
                 out[f"{name}.{pname}"] = mine.slice_lora(field, out[f"{name}.{pname}"])
