@@ -381,7 +381,7 @@ class MoELayer:
             # zeros or what the caller accumulates into)
             gx = grads.input if self.tp == 1 or partial else \
                 SHARED.array("tp.gx32", (T, self.hidden_size), np.float32)
-            gw = SHARED.array("tp.gw32", (T, k), np.float32)
+            gw = SHARED.array("tp.gw32", (T, k), np.float32) if self.tp != 1 else None
             for p, (part, packed) in enumerate(zip(self.parts, self._packed)):
                 mine = _part_lora(grads, *part) if lora is not None else MoEGrads(None, None)
                 mine.input, mine.topk_weights = gx, grads.topk_weights if p == 0 else gw
