@@ -66,7 +66,7 @@ from numba.extending import overload
 from ..config import JIT, JIT_PARALLEL
 from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdequant_bf16, vdpbf16
 from .schedule import balanced
-from .simd import (LANES, f32_from_bits, prefetch, vdequant, vfma, vfma2, vload, vload_bf16, vload_u8, vpair_hi, vpair_lo,
+from .simd import (LANES, f32_from_bits, prefetch, vdequant, vfma2, vload, vload_bf16, vload_u8, vpair_hi, vpair_lo,
                    vsplat, vsplat_pair, vstore, vstore_bf16, vtranspose8, vzero)
 
 PAD = 32          # N and K padding: two vectors of output, one AMX tile of K
@@ -85,16 +85,9 @@ def padded(n):
     return -(-n // PAD) * PAD
 
 
-@njit(**JIT)
-def _finish_row(m, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16):
-    """Epilogue of one output row: add the LoRA term, store fp32 and/or bf16."""
-    R = lora_r.shape[1]
-    ld_r = lora_r.shape[2]
-    for q in range(R):
-        coef = vsplat(scale * lora_l[m, l0 + q])
-        base = (slot * R + q) * ld_r + n0
-        c0 = vfma(coef, vload(lora_r, base), c0)
-        c1 = vfma(coef, vload(lora_r, base + LANES), c1)
+@njit(inline="always", **JIT)
+def _store_row(m, n0, c0, c1, out32, out16):
+    """Store one output row's 32 columns as fp32 and/or bf16."""
     if out32.size:
         at = m * out32.shape[1] + n0
         vstore(out32, at, c0)
@@ -103,6 +96,23 @@ def _finish_row(m, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16):
         at = m * out16.shape[1] + n0
         vstore_bf16(out16, at, c0)
         vstore_bf16(out16, at + LANES, c1)
+
+
+@njit(inline="always", **JIT)
+def _lora_r(slot, q, n0, lora_r):
+    """The two 16-column vectors of up-factor row ``q`` of ``slot`` at column ``n0``."""
+    at = (slot * lora_r.shape[1] + q) * lora_r.shape[2] + n0
+    return vload(lora_r, at), vload(lora_r, at + LANES)
+
+
+@njit(inline="always", **JIT)
+def _finish_row(m, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16):
+    """Epilogue of one output row: add the LoRA term, store (tails and ``amx``; the
+    register blocks add it for all their rows at once, the same sums in the same order)."""
+    for q in range(lora_r.shape[1]):
+        b0, b1 = _lora_r(slot, q, n0, lora_r)
+        c0, c1 = vfma2(vsplat(scale * lora_l[m, l0 + q]), b0, b1, c0, c1)
+    _store_row(m, n0, c0, c1, out32, out16)
 
 
 def block_rows(route):
@@ -141,7 +151,7 @@ def _pair_step_route(route, x, b0, b1, c0, c1):
     return lambda route, x, b0, b1, c0, c1: _dp2(vsplat_pair(x), b0, b1, c0, c1)   # amx CPUs have it too
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _row(route, a, r, w, w0, k2):
     """Row ``r`` of ``a`` times the two 16-column blocks at ``w0``, over all of K: (c0, c1)."""
     w1 = w0 + k2 * LANES
@@ -151,7 +161,7 @@ def _row(route, a, r, w, w0, k2):
     return c0, c1
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _tail_rows(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
     """Rows m..last, fewer than a block: one at a time over the (by now cached) weights,
     not a clamped block of duplicate rows (decode: one row per expert, no wasted work)."""
@@ -160,7 +170,7 @@ def _tail_rows(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale
         _finish_row(r, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
 
 
-@overload(_block, jit_options=JIT)
+@overload(_block, jit_options=JIT, inline="always")
 def _block_fma(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch):
     """generic / avx512: widen each weight pair to two fp32 vectors once per step, 2 FMAs
     per row; 4 rows x 32 columns = 8 accumulators (fits 16 registers of any vector ISA).
@@ -184,8 +194,16 @@ def _block_fma(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale
             c10, c11 = _pair_fma(a[r1, p], b0l, b0h, b1l, b1h, c10, c11)
             c20, c21 = _pair_fma(a[r2, p], b0l, b0h, b1l, b1h, c20, c21)
             c30, c31 = _pair_fma(a[r3, p], b0l, b0h, b1l, b1h, c30, c31)
-        for i, (c0, c1) in enumerate(((c00, c01), (c10, c11), (c20, c21), (c30, c31))):
-            _finish_row(m + i, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
+        for q in range(lora_r.shape[1]):
+            b0, b1 = _lora_r(slot, q, n0, lora_r)
+            c00, c01 = vfma2(vsplat(scale * lora_l[m, l0 + q]), b0, b1, c00, c01)
+            c10, c11 = vfma2(vsplat(scale * lora_l[r1, l0 + q]), b0, b1, c10, c11)
+            c20, c21 = vfma2(vsplat(scale * lora_l[r2, l0 + q]), b0, b1, c20, c21)
+            c30, c31 = vfma2(vsplat(scale * lora_l[r3, l0 + q]), b0, b1, c30, c31)
+        _store_row(m, n0, c00, c01, out32, out16)
+        _store_row(r1, n0, c10, c11, out32, out16)
+        _store_row(r2, n0, c20, c21, out32, out16)
+        _store_row(r3, n0, c30, c31, out32, out16)
     return impl
 
 
@@ -194,7 +212,7 @@ def _dp2(x, b0, b1, c0, c1):
     return vdpbf16(c0, x, b0), vdpbf16(c1, x, b1)
 
 
-@overload(_block, jit_options=JIT)
+@overload(_block, jit_options=JIT, inline="always")
 def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch):
     """avx512_bf16: one ``vdpbf16ps`` per row and 16 columns per K pair, the row's pair
     broadcast; 8 rows x 32 columns = 16 accumulators of the 32 zmm registers. Fewer rows
@@ -223,13 +241,28 @@ def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scal
             c50, c51 = _dp2(vsplat_pair(a[r5, p]), b0, b1, c50, c51)
             c60, c61 = _dp2(vsplat_pair(a[r6, p]), b0, b1, c60, c61)
             c70, c71 = _dp2(vsplat_pair(a[r7, p]), b0, b1, c70, c71)
-        for i, (c0, c1) in enumerate(((c00, c01), (c10, c11), (c20, c21), (c30, c31),
-                                      (c40, c41), (c50, c51), (c60, c61), (c70, c71))):
-            _finish_row(m + i, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
+        for q in range(lora_r.shape[1]):
+            b0, b1 = _lora_r(slot, q, n0, lora_r)
+            c00, c01 = vfma2(vsplat(scale * lora_l[m, l0 + q]), b0, b1, c00, c01)
+            c10, c11 = vfma2(vsplat(scale * lora_l[r1, l0 + q]), b0, b1, c10, c11)
+            c20, c21 = vfma2(vsplat(scale * lora_l[r2, l0 + q]), b0, b1, c20, c21)
+            c30, c31 = vfma2(vsplat(scale * lora_l[r3, l0 + q]), b0, b1, c30, c31)
+            c40, c41 = vfma2(vsplat(scale * lora_l[r4, l0 + q]), b0, b1, c40, c41)
+            c50, c51 = vfma2(vsplat(scale * lora_l[r5, l0 + q]), b0, b1, c50, c51)
+            c60, c61 = vfma2(vsplat(scale * lora_l[r6, l0 + q]), b0, b1, c60, c61)
+            c70, c71 = vfma2(vsplat(scale * lora_l[r7, l0 + q]), b0, b1, c70, c71)
+        _store_row(m, n0, c00, c01, out32, out16)
+        _store_row(r1, n0, c10, c11, out32, out16)
+        _store_row(r2, n0, c20, c21, out32, out16)
+        _store_row(r3, n0, c30, c31, out32, out16)
+        _store_row(r4, n0, c40, c41, out32, out16)
+        _store_row(r5, n0, c50, c51, out32, out16)
+        _store_row(r6, n0, c60, c61, out32, out16)
+        _store_row(r7, n0, c70, c71, out32, out16)
     return impl
 
 
-@overload(_block, jit_options=JIT)
+@overload(_block, jit_options=JIT, inline="always")
 def _block_amx(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch):
     """amx: 2 x 2 tiles of 16 x 16 fp32 (32 rows x 32 columns) over K in steps of 32:
     per step 2 A tiles (16 rows x 32 bf16) and 2 B tiles (16 pairs x 16 columns: 1 KiB
@@ -296,7 +329,7 @@ def _group_scales(codes, scales, zeros, sc):
     ``scales.flat[sc:sc+16]`` (format: module docstring); unused for bf16."""
 
 
-@overload(_group_scales, jit_options=JIT)
+@overload(_group_scales, jit_options=JIT, inline="always")
 def _group_scales_format(codes, scales, zeros, sc):
     if codes.dtype == types.uint32:
         return lambda codes, scales, zeros, sc: (vsplat_pair(0), vzero())
@@ -313,7 +346,7 @@ def _decode(route, codes, at, zero, scale):
     (``isa.vdequant_bf16``): the same bits, fewer steps."""
 
 
-@overload(_decode, jit_options=JIT)
+@overload(_decode, jit_options=JIT, inline="always")
 def _decode_format(route, codes, at, zero, scale):
     if codes.dtype == types.uint32:
         return lambda route, codes, at, zero, scale: vload(codes, at)
@@ -328,7 +361,7 @@ def _forward_panel(route, codes, flat, scales, zeros, group_pairs, e, nb0, panel
     [2 * Kp/2 * 16] uint32 filled by decoding them."""
 
 
-@overload(_forward_panel, jit_options=JIT)
+@overload(_forward_panel, jit_options=JIT, inline="always")
 def _forward_panel_format(route, codes, flat, scales, zeros, group_pairs, e, nb0, panel):
     if codes.dtype == types.uint32:
         return lambda route, codes, flat, scales, zeros, group_pairs, e, nb0, panel: \
@@ -352,7 +385,7 @@ def _pairs8(route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp):
     for bf16, else decoded into ``tmp`` [128] uint32."""
 
 
-@overload(_pairs8, jit_options=JIT)
+@overload(_pairs8, jit_options=JIT, inline="always")
 def _pairs8_format(route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp):
     if codes.dtype == types.uint32:
         return lambda route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp: \
@@ -368,7 +401,7 @@ def _pairs8_format(route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp
     return impl
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _row_decoding(route, a, r, codes, flat, scales, zeros, group_pairs, e, nb0):
     """Row ``r`` of ``a`` times blocks ``nb0, nb0 + 1`` of expert ``e``, decoding each pair
     vector in registers as it is used: no panel stored and read back (an expert with a
@@ -388,7 +421,7 @@ def _row_decoding(route, a, r, codes, flat, scales, zeros, group_pairs, e, nb0):
     return c0, c1
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _backward_panel(route, codes, flat, scales, zeros, group_pairs, e, p0, panel, tmp):
     """``panel`` [2 * Np/2 * 16] uint32 := the VNNI layout of ``W[e]^T`` for the 32 output
     columns ``2 p0 .. 2 p0 + 31``: block b, pair q, lane j holds ``(W[2q, 2 p0 + 16 b + j],

@@ -134,7 +134,7 @@ def project(m, offsets, row_slot, items, f, group, out):
                     _store_sums(out, r3, col, c30, c31, both)
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _store_sums(out, row, col, c0, c1, both):
     out[row, col] = vhsum(c0)
     if both:
@@ -164,7 +164,7 @@ def outer(v, m, offsets, active, n_active, group, acc, runs):
             _outer_item(v, m, offsets, active, group, acc, i, blocks, rank_blocks)
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _outer_item(v, m, offsets, active, group, acc, i, blocks, rank_blocks):
     """Item ``i`` of ``outer``: slot ``s``, columns ``n0 .. n0 + 31``, ranks ``q0 .. q0 + 3``."""
     R = acc.shape[1]
