@@ -462,22 +462,35 @@ def dequant_lanes(context, builder, sig, args):
             builder.fmul(builder.sitofp(second, LLVM_F32X16), builder.shuffle_vector(scale, scale, _LANES_8_15)))
 
 
+def _prefetch(locality):
+    def typer(typingctx, arr, i):
+        if not (isinstance(arr, types.Array) and arr.layout == "C" and isinstance(i, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            ptr = builder.bitcast(lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _I8),
+                                  ir.IntType(8).as_pointer())
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]),
+                "llvm.prefetch.p0")
+            builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, locality), ir.Constant(_I32, 1)])
+            return context.get_dummy_value()
+        return types.none(arr, i), codegen
+    return typer
+
+
 @intrinsic
 def prefetch(typingctx, arr, i):
     """Hint the cache line holding ``arr.flat[i]`` into all cache levels (``llvm.prefetch``,
     read, high locality): strided panel reads the hardware prefetchers do not follow."""
-    if not (isinstance(arr, types.Array) and arr.layout == "C" and isinstance(i, types.Integer)):
-        return None
+    return _prefetch(3)(typingctx, arr, i)
 
-    def codegen(context, builder, sig, args):
-        ptr = builder.bitcast(lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _I8),
-                              ir.IntType(8).as_pointer())
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]),
-            "llvm.prefetch.p0")
-        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-        return context.get_dummy_value()
-    return types.none(arr, i), codegen
+
+@intrinsic
+def prefetch_l2(typingctx, arr, i):
+    """Hint the cache line holding ``arr.flat[i]`` into L2 and beyond, not L1
+    (``prefetcht1``): data wanted a whole work item from now, too much for L1."""
+    return _prefetch(2)(typingctx, arr, i)
 
 
 @intrinsic
