@@ -38,6 +38,25 @@ def test_load_and_store_mirror(dtype):
     assert np.array_equal(out[[4, 1]], 1 + b[[4, 1]].astype(np.float32)) and np.all(out[[0, 2, 3]] == 1)
 
 
+@pytest.mark.parametrize("R", [16, 32])
+def test_load_turns_contiguous_b_in_blocks(R):
+    """B^T of float32 B with contiguous ranks takes the 16 x 16 register-turn path; a TP
+    slice (a view along N) and a K that is not a multiple of 16 included."""
+    rng = np.random.default_rng(1)
+    E, N = 5, 60
+    b = rng.standard_normal((E, N, R)).astype(np.float32)
+    active = np.array([4, 1, 0, 0, 0])
+    for view in (b, b[:, 7:44]):
+        K = view.shape[1]
+        factors = np.full((E, R + 2, 96), np.nan, np.float32)
+        load(view.transpose(0, 2, 1), active, 2, factors, 1, 16, 64)
+        assert np.array_equal(factors[:2, 1:R + 1, 16:16 + K], view[[4, 1]].transpose(0, 2, 1))
+        assert np.all(factors[:2, 1:R + 1, 16 + K:80] == 0)
+        assert np.all(np.isnan(factors[:2, 1:R + 1, :16])) and np.all(np.isnan(factors[:2, 1:R + 1, 80:]))
+        assert np.all(np.isnan(factors[:2, 0]))
+        assert np.all(np.isnan(factors[:2, R + 1])) and np.all(np.isnan(factors[2:]))
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 4), st.sampled_from([1, 2]), st.integers(1, 6), st.sampled_from([np.float32, BF16]),
        st.integers(0, 2**31 - 1))

@@ -10,7 +10,7 @@ from numba import njit
 from nbmoe.kernels import isa
 from nbmoe.kernels.isa import vdequant_bf16
 from nbmoe.kernels.simd import (bf16_to_f32, f32_to_bf16, vdequant, vfma, vhsum, vload, vload_bf16, vload_u8,
-                                vpair_hi, vpair_lo, vsplat, vstore, vstore_bf16, vtranspose8, vzero)
+                                vpair_hi, vpair_lo, vsplat, vstore, vstore_bf16, vtranspose8, vtranspose16, vzero)
 
 
 @njit
@@ -138,3 +138,19 @@ def test_transpose8_turns_pairs_along_k_into_pairs_along_n():
     _transpose(along_k, out)
     along_n = w.reshape(8, 2, 16).transpose(0, 2, 1).copy().view(np.uint32)[..., 0]     # [q][k]
     assert np.array_equal(out, along_n)
+
+
+@njit
+def _transpose16(src, i, ld_src, dst, j, ld_dst):
+    vtranspose16(src, i, ld_src, dst, j, ld_dst)
+
+
+def test_transpose16_turns_a_block_of_a_strided_view():
+    rng = np.random.default_rng(0)
+    src = rng.standard_normal((3, 20, 24)).astype(np.float32)[1:, 2:, 3:]          # a view, any strides
+    dst = np.full((18, 40), np.nan, np.float32)
+    ld = src.strides[1] // 4
+    _transpose16(src, 1 * ld + 2, ld, dst, 40 + 5, 40)                            # block at src[0, 1:17, 2:18]
+    assert np.array_equal(dst[1:17, 5:21], src[0, 1:17, 2:18].T)
+    dst[1:17, 5:21] = np.nan
+    assert np.all(np.isnan(dst))                                                  # nothing else written

@@ -66,6 +66,12 @@ class PackedWeights:
         return self.gu.nbytes + self.d.nbytes
 
 
+# Floats past each LoRA factor row. Rows of a power-of-two length (8 KiB at H = 2048) all
+# fall in one L1 set: ``load`` turning B^T 16 rows at a time then misses on every store.
+# Zen 4, 2 threads, 81 of 128 experts, B_down [2048, 16] float32: 0.42 -> 0.20 ms.
+FACTOR_SLACK = 16
+
+
 class Workspace:
     """Scratch of one call, sized for ``pairs`` rows; nothing in it outlives the call.
 
@@ -87,11 +93,12 @@ class Workspace:
         self.gb_d = alloc("gb_d", (pairs, r), f32)
         self.gb_gu = alloc("gb_gu", (pairs, 2 * r), f32)
         self.h = alloc("h", (operand, Ip), u16)            # silu(g) * u: recomputed, not saved
-        # LoRA factors per active slot (fp32, padded), and their gradients
-        self.a_gu = alloc("a_gu", (E, 2 * r, Hp), f32)
-        self.bt_gu = alloc("bt_gu", (E, r, 2 * Ip), f32)
-        self.a_d = alloc("a_d", (E, r, Ip), f32)
-        self.bt_d = alloc("bt_d", (E, r, Hp), f32)
+        # LoRA factors per active slot (fp32, padded; rows a line longer: FACTOR_SLACK), and
+        # their gradients
+        self.a_gu = alloc("a_gu", (E, 2 * r, Hp + FACTOR_SLACK), f32)
+        self.bt_gu = alloc("bt_gu", (E, r, 2 * Ip + FACTOR_SLACK), f32)
+        self.a_d = alloc("a_d", (E, r, Ip + FACTOR_SLACK), f32)
+        self.bt_d = alloc("bt_d", (E, r, Hp + FACTOR_SLACK), f32)
         self.da_gu = alloc("da_gu", (E, 2 * r, Hp), f32)
         self.dbt_gu = alloc("dbt_gu", (E, r, 2 * Ip), f32)
         self.da_d = alloc("da_d", (E, r, Ip), f32)

@@ -493,6 +493,55 @@ def prefetch_l2(typingctx, arr, i):
     return _prefetch(2)(typingctx, arr, i)
 
 
+def _transpose16_masks():
+    """Shuffle masks of a 16 x 16 transpose of 32-bit lanes in four butterfly stages:
+    stage bit b swaps bit b of the row and the column index, so row r takes lane c from
+    row ``r ^ b``, lane ``c ^ b`` where those bits differ. Returns [(b, mask for row r,
+    mask for row r ^ b)] (r with bit b clear; lanes 16.. name the second operand)."""
+    stages = []
+    for b in (1, 2, 4, 8):
+        low = [c if not c & b else LANES + (c ^ b) for c in range(LANES)]           # row r: bit b clear
+        high = [(c ^ b) if not c & b else LANES + c for c in range(LANES)]          # row r ^ b
+        stages.append((b, low, high))
+    return stages
+
+
+_STAGES16 = _transpose16_masks()
+
+
+@intrinsic
+def vtranspose16(typingctx, src, i, ld_src, dst, j, ld_dst):
+    """dst[j + c * ld_dst + r] = src[i + r * ld_src + c] for r, c < 16, offsets in elements
+    from each array's first element (any layout: the caller computes them from its
+    strides): a 16 x 16 block of float32 turned in registers (16 loads, 64 two-source
+    shuffles, 16 stores)."""
+    if not (isinstance(src, types.Array) and src.dtype == types.float32 and _c_array(dst, types.float32)
+            and all(isinstance(t, types.Integer) for t in (i, ld_src, j, ld_dst))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        def at(k, base, ld, row):
+            base = context.cast(builder, args[base], sig.args[base], types.intp)
+            ld = context.cast(builder, args[ld], sig.args[ld], types.intp)
+            return builder.add(base, builder.mul(ld, ir.Constant(ir.IntType(64), row)))
+
+        rows = [builder.load(lane_ptr(context, builder, sig.args[0], args[0], types.intp, at(0, 1, 2, r),
+                                      LLVM_F32X16), align=4) for r in range(LANES)]
+        for b, low, high in _STAGES16:
+            new = list(rows)
+            for r in range(LANES):
+                if r & b:
+                    continue
+                new[r] = builder.shuffle_vector(rows[r], rows[r ^ b], ir.Constant(ir.VectorType(_I32, LANES), low))
+                new[r ^ b] = builder.shuffle_vector(rows[r], rows[r ^ b], ir.Constant(ir.VectorType(_I32, LANES), high))
+            rows = new
+        for c in range(LANES):
+            builder.store(rows[c], lane_ptr(context, builder, sig.args[3], args[3], types.intp, at(3, 4, 5, c),
+                                            LLVM_F32X16), align=4)
+        return context.get_dummy_value()
+    return types.none(src, i, ld_src, dst, j, ld_dst), codegen
+
+
 @intrinsic
 def vload_u8(typingctx, arr, i):
     """16 bytes at ``arr.flat[i:i+16]`` (uint8), zero-extended to a ``u32x16``."""
