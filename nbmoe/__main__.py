@@ -145,7 +145,7 @@ def cmd_bench(args):
           f"{ceilings.peak_gflops:.0f} GFLOP/s, read {ceilings.read_gbs:.1f} GB/s")
     routing = "uniform" if skew is None else f"zipf s={skew:g}"
     print(f"layer: E={E} k={k} H={H} I={I} r={r}; routing {routing}; median of {args.repeat}; "
-          f"roofline = max(FLOP / peak, stored weight bytes / read) / time")
+          f"roofline = max(FLOP / peak, stored weight + LoRA bytes / read) / time")
     raw = 3 * E * H * I * 2
     for fmt in args.format:
         stored = next(row.stored_nbytes for row in rows if row.weight_format == fmt and row.tp == args.tp[0])

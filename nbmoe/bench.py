@@ -94,11 +94,14 @@ def flops(T, k, H, I, r):
     return base + lora, base + 2 * lora
 
 
-def weight_bytes(ids, E, H, I, stored_nbytes=None):
-    """Stored bytes of the experts a call touches, each read once per pass: ``stored_nbytes``
-    (a layer's ``packed_nbytes``, all E experts, scales included) or raw bf16 if None."""
+def weight_bytes(ids, E, H, I, stored_nbytes=None, lora=None):
+    """Bytes a pass must read for the experts a call touches, each once: their stored
+    weights (``stored_nbytes``: a layer's ``packed_nbytes``, all E experts, scales
+    included; raw bf16 if None) plus, with ``lora``, their six LoRA factors as given."""
     active = np.unique(ids[ids >= 0]).size if ids.size else 0
     per_expert = 3 * H * I * 2 if stored_nbytes is None else stored_nbytes / E
+    if lora is not None:
+        per_expert += sum(getattr(lora, name).nbytes for name in LORA_FIELDS) / E
     return active * per_expert
 
 
@@ -238,7 +241,7 @@ def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None, skew=Non
                 layer.forward(x, ids, weights, save_for_backward=True)
                 layer.backward(grad_y, accumulate_into=held if lora is not None else None)
 
-            nbytes = weight_bytes(ids, E, H, I, layer.packed_nbytes)
+            nbytes = weight_bytes(ids, E, H, I, layer.packed_nbytes, lora)
             rows.append(Row(T, median_time(nb_fwd, repeat), eager_times[0], median_time(nb_step, repeat),
                             eager_times[1], fwd_flop, fwd_flop + bwd_flop, nbytes, 2 * nbytes, fmt,
                             layer.packed_nbytes, tp))

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nbmoe import bench
 from nbmoe.kernels import peak
+from nbmoe.reference import LORA_FIELDS
 from nbmoe.torch import to_numpy, to_torch
 from conftest import RUNNABLE
 from helpers import Problem, assert_close, rel
@@ -64,6 +65,9 @@ def test_weight_bytes_are_the_experts_touched():
     ids = np.array([[0, 3], [3, -1]])
     touched = sum(w[e].nbytes for w in (gate, up, down) for e in (0, 3))
     assert bench.weight_bytes(ids, E=5, H=10, I=20) == touched
+    lora = bench.layer_weights(E=5, H=10, I=20, r=3)[3]
+    factors = sum(getattr(lora, name)[e].nbytes for name in LORA_FIELDS for e in (0, 3))
+    assert bench.weight_bytes(ids, E=5, H=10, I=20, lora=lora) == touched + factors
 
 
 @pytest.mark.parametrize("skew", [None, 1.0])
