@@ -637,8 +637,10 @@ class PackedMatrix:
     """One bf16 weight ``W [N, K]`` packed once; ``matmul`` computes ``a @ W.T`` in fp32.
 
     The plain GEMM of the layer's kernels (one expert, no LoRA), for users and for the
-    side-by-side with ``torch.matmul``. ``a`` is copied into a padded operand buffer
-    (grown as needed, reused): rows past M are read as whole tiles, never written.
+    side-by-side with ``torch.matmul``. ``a`` is read in place where it can be: C order, K
+    a multiple of ``PAD``, and a route whose blocks read no row past the last (all but
+    ``amx``). Otherwise it is copied into a padded operand buffer (grown as needed,
+    reused): rows past M are read as whole tiles, never written.
     """
 
     def __init__(self, w):
@@ -653,13 +655,17 @@ class PackedMatrix:
         unless N is a multiple of ``PAD``; pass ``out`` [M, padded(N)] to reuse one)."""
         N, K = self.shape
         M = a.shape[0]
-        if self._operand.shape[0] < M + ROW_SLACK:
-            self._operand = np.zeros((M + ROW_SLACK, padded(K)), np.uint16)
-        self._operand[:M, :K] = a
+        if route.name != "amx" and K == padded(K) and a.flags.c_contiguous:
+            operand = a
+        else:
+            if self._operand.shape[0] < M + ROW_SLACK:
+                self._operand = np.zeros((M + ROW_SLACK, padded(K)), np.uint16)
+            self._operand[:M, :K] = a
+            operand = self._operand
         out = np.empty((M, padded(N)), np.float32) if out is None else out
         offsets = np.array([0, M], np.int64)
         slot = np.zeros(1, np.int64)
         lora_l = np.zeros((M, 0), np.float32)
-        grouped_gemm(route, self._operand.view(np.uint32), self.packed, offsets, slot, lora_l, self._no_lora,
+        grouped_gemm(route, operand.view(np.uint32), self.packed, offsets, slot, lora_l, self._no_lora,
                      padded(N), np.float32(0), out, np.zeros((0, 0), np.uint16))
         return out[:, :N]
