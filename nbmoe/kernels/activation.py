@@ -36,9 +36,10 @@ def silu_mul(gu, P, h):
 def silu_mul_backward(grad_h, gu, P, dgu, dgu16):
     """dgu[r] = dg | du from grad_h [>=P, Ip] float32 and the cached gu [>=P, 2*Ip] uint16.
 
-    dgu [>=P, 2*Ip] float32 feeds the LoRA products; dgu16, its bf16 rounding, the
-    base-weight GEMM."""
+    dgu [>=P, >=2*Ip] float32 feeds the LoRA products; dgu16 [>=P, 2*Ip], its bf16
+    rounding, the base-weight GEMM."""
     Ip = grad_h.shape[1]
+    ld = dgu.shape[1]
     one = vsplat(np.float32(1.0))
     for r in prange(P):
         for i in range(0, Ip, LANES):
@@ -49,7 +50,7 @@ def silu_mul_backward(grad_h, gu, P, dgu, dgu16):
             dg = dh * u * s * (one + g * (one - s))
             du = dh * g * s
             at = r * 2 * Ip + i
-            vstore(dgu, at, dg)
-            vstore(dgu, at + Ip, du)
+            vstore(dgu, r * ld + i, dg)
+            vstore(dgu, r * ld + Ip + i, du)
             vstore_bf16(dgu16, at, dg)
             vstore_bf16(dgu16, at + Ip, du)

@@ -132,11 +132,11 @@ def row_blocks(offsets, active, n_active):
 def project(m, offsets, row_slot, items, f, group, out):
     """out[r, g*R + q] = sum_{k < group} M[r, g*group + k] * f[row_slot[r], q, g*group + k].
 
-    m [>=P, W] float32 or uint16 (bf16 bits), W and group multiples of 16; items from
-    ``row_blocks``; f [S, R, W] float32; out [>=P, (W/group)*R] float32.
+    m [>=P, >=W] float32 or uint16 (bf16 bits), W and group multiples of 16; items from
+    ``row_blocks``; f [S, R, >=W] float32; out [>=P, (W/group)*R] float32.
     """
     R = f.shape[1]
-    W = m.shape[1]
+    W = m.shape[1]                                  # row stride; the groups come from out
     ld_f = f.shape[2]
     for i in prange(items.shape[0]):
         e = items[i, 0]
@@ -144,7 +144,7 @@ def project(m, offsets, row_slot, items, f, group, out):
         last = offsets[e + 1] - 1
         r1, r2, r3 = min(r0 + 1, last), min(r0 + 2, last), min(r0 + 3, last)
         s = row_slot[r0]
-        for g in range(W // group):
+        for g in range(out.shape[1] // R):
             k0 = g * group
             for q0 in range(0, R, PROJECT_RANKS):
                 q1, q2, q3 = min(q0 + 1, R - 1), min(q0 + 2, R - 1), min(q0 + 3, R - 1)
@@ -191,12 +191,12 @@ def _store_sums(out, row, col, n, c0, c1, c2, c3):
 def outer(v, m, offsets, active, n_active, group, acc, runs):
     """acc[s, q, n] = sum over rows r of expert active[s] of v[r, (n // group)*R + q] * M[r, n].
 
-    v [>=P, G*R] float32; m [>=P, W] float32 or uint16 (bf16 bits); acc [S, R, W]
+    v [>=P, G*R] float32; m [>=P, >=W] float32 or uint16 (bf16 bits); acc [S, R, W]
     float32; W a multiple of OUTER_COLS and of group, group of OUTER_COLS; runs: how many
     balanced runs to cut the work into (the thread count).
     """
     R = acc.shape[1]
-    W = m.shape[1]
+    W = acc.shape[2]
     blocks = W // OUTER_COLS
     rank_blocks = (R + MR - 1) // MR
     per_slot = blocks * rank_blocks
@@ -214,7 +214,8 @@ def outer(v, m, offsets, active, n_active, group, acc, runs):
 def _outer_item(v, m, offsets, active, group, acc, i, blocks, rank_blocks):
     """Item ``i`` of ``outer``: slot ``s``, columns ``n0 .. n0 + 31``, ranks ``q0 .. q0 + 3``."""
     R = acc.shape[1]
-    W = m.shape[1]
+    W = acc.shape[2]
+    ld = m.shape[1]
     s = i // (blocks * rank_blocks)
     n0 = (i // rank_blocks) % blocks * OUTER_COLS
     q0 = i % rank_blocks * MR
@@ -225,8 +226,8 @@ def _outer_item(v, m, offsets, active, group, acc, i, blocks, rank_blocks):
     c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
     c20, c21, c30, c31 = vzero(), vzero(), vzero(), vzero()
     for r in range(offsets[e], offsets[e + 1]):
-        a0 = vload_f32(m, r * W + n0)
-        a1 = vload_f32(m, r * W + n0 + LANES)
+        a0 = vload_f32(m, r * ld + n0)
+        a1 = vload_f32(m, r * ld + n0 + LANES)
         c00, c01 = vfma2(vsplat(v[r, v0]), a0, a1, c00, c01)
         c10, c11 = vfma2(vsplat(v[r, v1]), a0, a1, c10, c11)
         c20, c21 = vfma2(vsplat(v[r, v2]), a0, a1, c20, c21)
