@@ -136,13 +136,12 @@ def pair_grads(grad_y, rows, weights, d, G, G16, grad_w):
 
     grad_y [T, H] uint16; rows [T, k]; weights [T, k] float32; d [>=P, Hp] uint16
     (cached bf16 expert outputs); G [>=P, >=Hp] float32 (for the LoRA products) and G16
-    [>=P, Hp] uint16 (its bf16 rounding, the operand of the base-weight GEMM), pads
-    zeroed up to Hp; grad_w [T, k] float32 (0 for skipped slots).
+    [>=P, >=Hp] uint16 (its bf16 rounding, the operand of the base-weight GEMM), pads
+    zeroed; grad_w [T, k] float32 (0 for skipped slots).
     """
     T, k = rows.shape
     H = grad_y.shape[1]
-    ld = d.shape[1]
-    ld_g = G.shape[1]
+    ld, ld_g, ld_16 = d.shape[1], G.shape[1], G16.shape[1]
     body = H - H % LANES
     for t in prange(T):
         for j in range(k):
@@ -157,14 +156,14 @@ def pair_grads(grad_y, rows, weights, d, G, G16, grad_w):
                 dot = vfma(gy, vload_bf16(d, r * ld + c), dot)
                 g = vfma(w, gy, vzero())
                 vstore(G, r * ld_g + c, g)
-                vstore_bf16(G16, r * ld + c, g)
+                vstore_bf16(G16, r * ld_16 + c, g)
             s = np.float32(0.0)
             for c in range(body, H):
                 gy_c = bf16_to_f32(grad_y[t, c])
                 s += gy_c * bf16_to_f32(d[r, c])
                 G[r, c] = weights[t, j] * gy_c
                 G16[r, c] = f32_to_bf16(G[r, c])
-            G[r, H:ld] = 0
+            G[r, H:] = 0
             G16[r, H:] = 0
             grad_w[t, j] = vhsum(dot) + s
 
