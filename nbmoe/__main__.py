@@ -136,13 +136,14 @@ def cmd_bench(args):
     E, k, H, I, r = args.experts, args.topk, args.hidden, args.intermediate, args.rank
     skew = (1.0 if args.zipf_s is None else args.zipf_s) if args.routing == "zipf" else None
     gate, up, down, lora = bench.layer_weights(E, H, I, r, args.seed)
+    route = isa.choose_route(args.route)
+    start = bench.measure_ceilings(route)
     layer, rows = bench.side_by_side(gate, up, down, lora, args.tokens, k, repeat=args.repeat,
                                      route=args.route, skew=skew, formats=args.format,
                                      group_size=args.group_size, tps=args.tp)
-    route = layer.route
-    ceilings = bench.measure_ceilings(route)
-    print(f"route {route.name}; measured now, {numba.get_num_threads()} threads: {ceilings.peak_of} peak "
-          f"{ceilings.peak_gflops:.0f} GFLOP/s, read {ceilings.read_gbs:.1f} GB/s")
+    ceilings = bench.Ceilings.best(start, bench.measure_ceilings(route))
+    print(f"route {route.name}; measured before and after the run (the best), {numba.get_num_threads()} "
+          f"threads: {ceilings.peak_of} peak {ceilings.peak_gflops:.0f} GFLOP/s, read {ceilings.read_gbs:.1f} GB/s")
     routing = "uniform" if skew is None else f"zipf s={skew:g}"
     print(f"layer: E={E} k={k} H={H} I={I} r={r}; routing {routing}; median of {args.repeat}; "
           f"roofline = max(FLOP / peak, stored weight + LoRA bytes / read) / time")

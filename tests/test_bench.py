@@ -135,3 +135,10 @@ def test_peak_spins_do_the_arithmetic_they_count(route):
 def test_read_stream_reads_everything():
     data = np.arange(16 * 64 * 4, dtype=np.float32)
     assert peak.read_stream(data, 64) == data.sum()
+
+
+def test_ceilings_best_takes_each_ceiling_at_its_highest():
+    a, b = bench.Ceilings(400.0, "vdpbf16ps", 60.0), bench.Ceilings(470.0, "vdpbf16ps", 35.0)
+    best = bench.Ceilings.best(a, b)
+    assert (best.peak_gflops, best.read_gbs, best.peak_of) == (470.0, 60.0, "vdpbf16ps")
+    assert best.roofline_s(470e9, 120e9) == 2.0                 # max(1 s of compute, 2 s of reading)
