@@ -53,8 +53,9 @@ a skewed router (a few experts taking most tokens) does not load one thread with
 heavy expert. ``prange`` runs over the runs; each owns a row of the per-thread scratch
 (``thread_scratch``). The item walks its expert's rows a block at a time; each route's
 ``_block`` keeps its accumulators in registers (vector or tile) over all of K, then runs
-the shared epilogue ``_finish_row``. Each output element is written by exactly one item,
-summed in a fixed order: results do not depend on the thread count or the cut.
+the shared epilogue (``_finish4`` on four register rows at a time, ``_finish_row`` on
+one): the LoRA term, then the stores. Each output element is written by exactly one
+item, summed in a fixed order: results do not depend on the thread count or the cut.
 
 Routes slot in through ``_block`` and ``block_rows``: one ``@overload`` per route.
 """
@@ -115,11 +116,29 @@ def _lora_r(slot, q, n0, lora_r):
 @njit(inline="always", **JIT)
 def _finish_row(m, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16):
     """Epilogue of one output row: add the LoRA term, store (tails and ``amx``; the
-    register blocks add it for all their rows at once, the same sums in the same order)."""
+    register blocks run ``_finish4``)."""
     for q in range(lora_r.shape[1]):
         b0, b1 = _lora_r(slot, q, n0, lora_r)
         c0, c1 = vfma2(vsplat(scale * lora_l[m, l0 + q]), b0, b1, c0, c1)
     _store_row(m, n0, c0, c1, out32, out16)
+
+
+@njit(inline="always", **JIT)
+def _finish4(r0, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, slot, lora_l, l0, lora_r, scale,
+             out32, out16):
+    """Epilogue of four rows of a register block: the LoRA term up-factor row outer (each
+    row of ``lora_r`` loaded once for the four, four independent FMA chains), then the
+    stores; per element the same sums in the same order as ``_finish_row``."""
+    for q in range(lora_r.shape[1]):
+        b0, b1 = _lora_r(slot, q, n0, lora_r)
+        c00, c01 = vfma2(vsplat(scale * lora_l[r0, l0 + q]), b0, b1, c00, c01)
+        c10, c11 = vfma2(vsplat(scale * lora_l[r1, l0 + q]), b0, b1, c10, c11)
+        c20, c21 = vfma2(vsplat(scale * lora_l[r2, l0 + q]), b0, b1, c20, c21)
+        c30, c31 = vfma2(vsplat(scale * lora_l[r3, l0 + q]), b0, b1, c30, c31)
+    _store_row(r0, n0, c00, c01, out32, out16)
+    _store_row(r1, n0, c10, c11, out32, out16)
+    _store_row(r2, n0, c20, c21, out32, out16)
+    _store_row(r3, n0, c30, c31, out32, out16)
 
 
 def block_rows(route):
@@ -134,8 +153,8 @@ def _block_rows(route):
 
 def _block(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch):
     """Rows ``m .. m + block_rows(route) - 1`` (those ``<= last``) of ``a`` (uint32 bf16 pairs)
-    times the two 16-column blocks of packed weights at flat offset ``w0``, through
-    ``_finish_row``. Rows past ``last`` may be read (``ROW_SLACK``), never written.
+    times the two 16-column blocks of packed weights at flat offset ``w0``, through the
+    epilogue. Rows past ``last`` may be read (``ROW_SLACK``), never written.
     ``scratch`` [SCRATCH] float32 is the calling thread's own."""
 
 
@@ -201,16 +220,8 @@ def _block_fma(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale
             c10, c11 = _pair_fma(a[r1, p], b0l, b0h, b1l, b1h, c10, c11)
             c20, c21 = _pair_fma(a[r2, p], b0l, b0h, b1l, b1h, c20, c21)
             c30, c31 = _pair_fma(a[r3, p], b0l, b0h, b1l, b1h, c30, c31)
-        for q in range(lora_r.shape[1]):
-            b0, b1 = _lora_r(slot, q, n0, lora_r)
-            c00, c01 = vfma2(vsplat(scale * lora_l[m, l0 + q]), b0, b1, c00, c01)
-            c10, c11 = vfma2(vsplat(scale * lora_l[r1, l0 + q]), b0, b1, c10, c11)
-            c20, c21 = vfma2(vsplat(scale * lora_l[r2, l0 + q]), b0, b1, c20, c21)
-            c30, c31 = vfma2(vsplat(scale * lora_l[r3, l0 + q]), b0, b1, c30, c31)
-        _store_row(m, n0, c00, c01, out32, out16)
-        _store_row(r1, n0, c10, c11, out32, out16)
-        _store_row(r2, n0, c20, c21, out32, out16)
-        _store_row(r3, n0, c30, c31, out32, out16)
+        _finish4(m, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, slot, lora_l, l0, lora_r, scale,
+                 out32, out16)
     return impl
 
 
@@ -250,24 +261,10 @@ def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scal
             c50, c51 = _dp2(vsplat_pair(a[r5, p]), b0, b1, c50, c51)
             c60, c61 = _dp2(vsplat_pair(a[r6, p]), b0, b1, c60, c61)
             c70, c71 = _dp2(vsplat_pair(a[r7, p]), b0, b1, c70, c71)
-        for q in range(lora_r.shape[1]):
-            b0, b1 = _lora_r(slot, q, n0, lora_r)
-            c00, c01 = vfma2(vsplat(scale * lora_l[m, l0 + q]), b0, b1, c00, c01)
-            c10, c11 = vfma2(vsplat(scale * lora_l[r1, l0 + q]), b0, b1, c10, c11)
-            c20, c21 = vfma2(vsplat(scale * lora_l[r2, l0 + q]), b0, b1, c20, c21)
-            c30, c31 = vfma2(vsplat(scale * lora_l[r3, l0 + q]), b0, b1, c30, c31)
-            c40, c41 = vfma2(vsplat(scale * lora_l[r4, l0 + q]), b0, b1, c40, c41)
-            c50, c51 = vfma2(vsplat(scale * lora_l[r5, l0 + q]), b0, b1, c50, c51)
-            c60, c61 = vfma2(vsplat(scale * lora_l[r6, l0 + q]), b0, b1, c60, c61)
-            c70, c71 = vfma2(vsplat(scale * lora_l[r7, l0 + q]), b0, b1, c70, c71)
-        _store_row(m, n0, c00, c01, out32, out16)
-        _store_row(r1, n0, c10, c11, out32, out16)
-        _store_row(r2, n0, c20, c21, out32, out16)
-        _store_row(r3, n0, c30, c31, out32, out16)
-        _store_row(r4, n0, c40, c41, out32, out16)
-        _store_row(r5, n0, c50, c51, out32, out16)
-        _store_row(r6, n0, c60, c61, out32, out16)
-        _store_row(r7, n0, c70, c71, out32, out16)
+        _finish4(m, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, slot, lora_l, l0, lora_r, scale,
+                 out32, out16)
+        _finish4(r4, r5, r6, r7, n0, c40, c41, c50, c51, c60, c61, c70, c71, slot, lora_l, l0, lora_r, scale,
+                 out32, out16)
     return impl
 
 
