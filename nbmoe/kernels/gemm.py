@@ -83,6 +83,14 @@ MR_AMX = 32       # rows per block: amx (two 16-row tiles)
 # layer: T=128 fwd 77 -> 67 ms, T=1024 GEMMs 3-4% faster; at 2 no further gain.
 CLAMP_ROWS = 3
 ROW_SLACK = MR_AMX  # rows every A operand has past its last pair: a block reads whole tiles
+
+
+def reads_past_last(route):
+    """Whether ``route``'s blocks read A rows past an expert's last (whole AMX tiles: the
+    ``ROW_SLACK`` rows); the vector routes read rows ``<= last`` only."""
+    return route.name == "amx"
+
+
 # An item's fixed cost in rows: streaming a 32-column panel of weights takes as long as
 # about 16 rows of products on it (2-thread Zen 4: 35 GB/s read, 460 GFLOP/s vdpbf16ps;
 # 32 x K bf16 = 64K bytes at 17 GB/s a thread vs 64K FLOP a row at 230 GFLOP/s).
@@ -449,7 +457,8 @@ def _backward_panel(route, codes, flat, scales, zeros, group_pairs, e, p0, panel
 def _prefetch_sources(codes, flat, e, p0, nb0, nb1):
     """Hint into L2 the codes ``_backward_panel`` reads for pairs ``p0 .. p0 + 15`` of
     blocks ``nb0 .. nb1 - 1`` of expert ``e``: the next item's panel, fetched while this
-    item's blocks compute (its 1 KiB runs sit a whole block of K apart). Zen 4, 2 threads,
+    item's blocks compute (its 1 KiB runs sit a whole block of K apart; ``_backward_panel``
+    then pulls them on into L1 ``PREFETCH_BLOCKS`` ahead). Zen 4, 2 threads,
     Qwen3-30B-A3B layer at T=1024: backward gate_up 182 -> 175 ms, down 86.5 -> 83 ms."""
     line = 64 // flat.itemsize
     for nb in range(nb0, nb1):
@@ -652,7 +661,7 @@ class PackedMatrix:
         unless N is a multiple of ``PAD``; pass ``out`` [M, padded(N)] to reuse one)."""
         N, K = self.shape
         M = a.shape[0]
-        if route.name != "amx" and K == padded(K) and a.flags.c_contiguous:
+        if not reads_past_last(route) and K == padded(K) and a.flags.c_contiguous:
             operand = a
         else:
             if self._operand.shape[0] < M + ROW_SLACK:

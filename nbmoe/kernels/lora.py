@@ -136,8 +136,7 @@ def project(m, offsets, row_slot, items, f, group, out):
     ``row_blocks``; f [S, R, >=W] float32; out [>=P, (W/group)*R] float32.
     """
     R = f.shape[1]
-    W = m.shape[1]                                  # row stride; the groups come from out
-    ld_f = f.shape[2]
+    ld, ld_f = m.shape[1], f.shape[2]               # row strides; the groups come from out
     for i in prange(items.shape[0]):
         e = items[i, 0]
         r0 = items[i, 1]
@@ -156,13 +155,13 @@ def project(m, offsets, row_slot, items, f, group, out):
                 c30, c31, c32, c33 = vzero(), vzero(), vzero(), vzero()
                 for k in range(k0, k0 + group, LANES):
                     b0, b1, b2, b3 = vload(f, f0 + k), vload(f, f1 + k), vload(f, f2 + k), vload(f, f3 + k)
-                    x = vload_f32(m, r0 * W + k)
+                    x = vload_f32(m, r0 * ld + k)
                     c00, c01, c02, c03 = vfma2(x, b0, b1, c00, c01) + vfma2(x, b2, b3, c02, c03)
-                    x = vload_f32(m, r1 * W + k)
+                    x = vload_f32(m, r1 * ld + k)
                     c10, c11, c12, c13 = vfma2(x, b0, b1, c10, c11) + vfma2(x, b2, b3, c12, c13)
-                    x = vload_f32(m, r2 * W + k)
+                    x = vload_f32(m, r2 * ld + k)
                     c20, c21, c22, c23 = vfma2(x, b0, b1, c20, c21) + vfma2(x, b2, b3, c22, c23)
-                    x = vload_f32(m, r3 * W + k)
+                    x = vload_f32(m, r3 * ld + k)
                     c30, c31, c32, c33 = vfma2(x, b0, b1, c30, c31) + vfma2(x, b2, b3, c32, c33)
                 col = g * R + q0
                 n = q3 - q0 + 1

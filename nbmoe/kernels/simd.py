@@ -520,12 +520,12 @@ def vtranspose16(typingctx, src, i, ld_src, dst, j, ld_dst):
         return None
 
     def codegen(context, builder, sig, args):
-        def at(k, base, ld, row):
+        def at(base, ld, row):
             base = context.cast(builder, args[base], sig.args[base], types.intp)
             ld = context.cast(builder, args[ld], sig.args[ld], types.intp)
             return builder.add(base, builder.mul(ld, ir.Constant(ir.IntType(64), row)))
 
-        rows = [builder.load(lane_ptr(context, builder, sig.args[0], args[0], types.intp, at(0, 1, 2, r),
+        rows = [builder.load(lane_ptr(context, builder, sig.args[0], args[0], types.intp, at(1, 2, r),
                                       LLVM_F32X16), align=4) for r in range(LANES)]
         for b, low, high in _STAGES16:
             new = list(rows)
@@ -536,7 +536,7 @@ def vtranspose16(typingctx, src, i, ld_src, dst, j, ld_dst):
                 new[r ^ b] = builder.shuffle_vector(rows[r], rows[r ^ b], ir.Constant(ir.VectorType(_I32, LANES), high))
             rows = new
         for c in range(LANES):
-            builder.store(rows[c], lane_ptr(context, builder, sig.args[3], args[3], types.intp, at(3, 4, 5, c),
+            builder.store(rows[c], lane_ptr(context, builder, sig.args[3], args[3], types.intp, at(4, 5, c),
                                             LLVM_F32X16), align=4)
         return context.get_dummy_value()
     return types.none(src, i, ld_src, dst, j, ld_dst), codegen
