@@ -163,8 +163,7 @@ def _block_rows(route):
     return lambda route: rows
 
 
-def _block(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch,
-           pf, plan):
+def _block(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
     """Rows ``m .. m + block_rows(route) - 1`` (those ``<= last``) of ``a`` (uint32 bf16 pairs)
     times the two 16-column blocks of packed weights at flat offset ``w0``, through the
     epilogue. Rows past ``last`` may be read (``ROW_SLACK``), never written.
@@ -248,16 +247,14 @@ def _tail_rows(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale
 
 
 @overload(_block, jit_options=JIT, inline="always")
-def _block_fma(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch,
-           pf, plan):
+def _block_fma(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
     """generic / avx512: widen each weight pair to two fp32 vectors once per step, 2 FMAs
     per row; 4 rows x 32 columns = 8 accumulators (fits 16 registers of any vector ISA).
     Fewer rows than a block go to ``_tail_rows``."""
     if route.route not in ("generic", "avx512"):
         return None
 
-    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch,
-           pf, plan):
+    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
         w1 = w0 + k2 * LANES
         if last - m + 1 < MR:
             _hints(pf, plan, 0)
@@ -287,8 +284,7 @@ def _dp2(x, b0, b1, c0, c1):
 
 
 @overload(_block, jit_options=JIT, inline="always")
-def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch,
-           pf, plan):
+def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
     """avx512_bf16: one ``vdpbf16ps`` per row and 16 columns per K pair, the row's pair
     broadcast; 8 rows x 32 columns = 16 accumulators of the 32 zmm registers. A tail of
     ``CLAMP_ROWS`` or more rows repeats its last row to fill the block; fewer go to
@@ -296,8 +292,7 @@ def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scal
     if route.route != "avx512_bf16":
         return None
 
-    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch,
-           pf, plan):
+    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
         if last - m + 1 < CLAMP_ROWS:
             _hints(pf, plan, 0)
             _tail_rows(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16)
@@ -330,8 +325,7 @@ def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scal
 
 
 @overload(_block, jit_options=JIT, inline="always")
-def _block_amx(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch,
-           pf, plan):
+def _block_amx(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
     """amx: 2 x 2 tiles of 16 x 16 fp32 (32 rows x 32 columns) over K in steps of 32:
     per step 2 A tiles (16 rows x 32 bf16) and 2 B tiles (16 pairs x 16 columns: 1 KiB
     contiguous in the packed layout), 4 ``tdpbf16ps``; 8 tile registers. A block of at
@@ -340,8 +334,7 @@ def _block_amx(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale
     if route.route != "amx":
         return None
 
-    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch,
-           pf, plan):
+    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
         _hints(pf, plan, 0)                      # at once: amx has not been measured spread out
         ld = a.shape[1]
         w1 = w0 + k2 * LANES
