@@ -192,20 +192,16 @@ def _hints(pf, plan, p0):
 
 
 @njit(inline="always", **JIT)
-def _next_sources(codes, transposed, tasks, i, end):
-    """(base, lines, shift, stride, step): the codes the thread's next item ``i + 1`` reads
-    (a ``_hint`` list; no lines after its last item). Forward: the item's two column
-    blocks, one contiguous run. Backward: its 16 pairs of every column block, runs of
-    16 x 16 codes a whole block of K apart, which no hardware prefetcher follows."""
-    step = 64 // codes.itemsize
-    if i + 1 >= end:
-        return 0, 0, 0, 0, step
+def _next_sources(codes, transposed, e, tile):
+    """(base, lines, shift, stride): the codes item (``e``, ``tile``) reads, as a ``_hint``
+    list. Forward: the item's two column blocks, one contiguous run. Backward: its 16
+    pairs of every column block, runs of 16 x 16 codes a whole block of K apart, which no
+    hardware prefetcher follows."""
     NB, KP2 = codes.shape[1], codes.shape[2]
-    e, tile = tasks[i + 1, 0], tasks[i + 1, 1]
     if transposed:
         shift = 2 + (codes.itemsize >= 2) + (codes.itemsize >= 4)      # 16 x 16 codes: 4 * itemsize lines
-        return (e * NB * KP2 + tile * (TILE_N // 2)) * LANES, NB << shift, shift, KP2 * LANES, step
-    return (e * NB + tile * (TILE_N // LANES)) * KP2 * LANES, TILE_N * KP2 // step, 62, 0, step
+        return (e * NB * KP2 + tile * (TILE_N // 2)) * LANES, NB << shift, shift, KP2 * LANES
+    return (e * NB + tile * (TILE_N // LANES)) * KP2 * LANES, TILE_N * KP2 * codes.itemsize // 64, ONE_RUN, 0
 
 
 @njit(**JIT)
@@ -508,6 +504,7 @@ def _backward_panel(route, codes, flat, scales, zeros, group_pairs, e, p0, panel
 # 60 GB/s from minute to minute): at ~35 GB/s 33.9-35.3 ms hinting every item, 31.1-31.3
 # ms without; at ~60 GB/s 29.1 against 23.5-24.3.
 HINT_BLOCKS = 2
+ONE_RUN = 62       # the ``_hint`` shift of a list that is one run: i >> 62 == 0 for any line
 SCRATCH = MR_AMX * TILE_N          # words of a thread's AMX block results (float32)
 # Backward panels: prefetch distance in 16-row blocks. Zen 4, 2 threads, 128 experts x 1
 # row, W^T of [1536, 2048] bf16: 77 ms without prefetch, 50 with 2 or 4 blocks, 48 with 8.
@@ -556,13 +553,13 @@ def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed,
                 src, w0 = panel, 0
             else:
                 src, w0 = _forward_panel(route, codes, flat, scales, zeros, group_pairs, e, n0 // LANES, panel)
-            base, lines, shift, stride, step = _next_sources(codes, transposed, tasks, i, bounds[c + 1])
             blocks = (last - offsets[e]) // block_rows(route) + 1
-            if blocks < HINT_BLOCKS:
-                lines = 0
+            base, lines, shift, stride = 0, 0, ONE_RUN, 0
+            if blocks >= HINT_BLOCKS and i + 1 < bounds[c + 1]:
+                base, lines, shift, stride = _next_sources(codes, transposed, tasks[i + 1, 0], tasks[i + 1, 1])
             for j in range(blocks):                 # the next item's codes, a share per block
                 first = lines * j // blocks
-                plan = (base, first, lines * (j + 1) // blocks - first, shift, stride, step)
+                plan = (base, first, lines * (j + 1) // blocks - first, shift, stride, 64 // flat.itemsize)
                 _block(route, a, offsets[e] + j * block_rows(route), last, src, w0, k2, n0, slot, lora_l, l0, lora_r,
                        scale, out32, out16, results, flat, plan)
 
