@@ -42,11 +42,15 @@ product (by ``W^T``, output columns along K) needs pairs along N: each item deco
 directions therefore multiply by the same bf16 values, bit for bit, and nothing but the
 one stored copy lives between calls (like a BLAS packing B panels, per thread, in cache).
 
-In both directions an item's blocks hint the codes of the thread's next item into L2,
-a share per block, one line per K step (``_next_sources``, ``_hint``): without it the
-first block of every item waits on DRAM. Zen 4, 2 threads, Qwen3-30B-A3B layer at
-T=1024: forward gate_up 130.5 -> 126.2 ms, forward down 77.0 -> 72.5 ms; the backward,
-which hinted the same lines in one burst per block before, 1% or less.
+In both directions an item's blocks hint the codes of the thread's next item, a share
+per block, one line per K step (``_next_sources``, ``_hint``): without it the first
+block of every item waits on DRAM. Zen 4, 2 threads, Qwen3-30B-A3B layer at T=1024:
+forward gate_up 130.5 -> 126.2 ms, forward down 77.0 -> 72.5 ms. The forward hints into
+L2 (into L1 too: gate_up 126 -> 131 ms, the hints evict the rows of the block); the
+backward into L1 as well, since its panel build reads them with 16 x 16 transposes, not
+in the hardware prefetchers' streams: L2 only 162-166 / 78-80 ms for gate_up / down,
+L1 146-147 / 70-71 ms (per-block panel builds of the next item in place of one at item
+start: no further gain).
 
 Work split
 ----------
@@ -173,15 +177,20 @@ def _block(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, ou
 
 @njit(inline="always", **JIT)
 def _hint(pf, plan, p):
-    """Hint line ``p`` of ``plan`` into L2, if it has one. ``plan`` = (base, first,
-    count, shift, stride, step): its lines are ``first .. first + count - 1`` of a list
-    in runs of ``2**shift`` lines, line ``i`` at ``pf.flat[base + (i >> shift) * stride +
-    (i % 2**shift) * step]``. A block calls it once per K step: spread out, the hints
-    keep the loads in flight without stalling the products a burst would."""
-    base, first, count, shift, stride, step = plan
+    """Hint line ``p`` of ``plan`` into cache, if it has one. ``plan`` = (base, first,
+    count, shift, stride, step, near): its lines are ``first .. first + count - 1`` of a
+    list in runs of ``2**shift`` lines, line ``i`` at ``pf.flat[base + (i >> shift) *
+    stride + (i % 2**shift) * step]``; ``near`` hints into L1 as well, else into L2. A block
+    calls it once per K step: spread out, the hints keep the loads in flight without
+    stalling the products a burst would."""
+    base, first, count, shift, stride, step, near = plan
     if p < count:
         i = first + p
-        prefetch_l2(pf, base + (i >> shift) * stride + (i & ((1 << shift) - 1)) * step)
+        at = base + (i >> shift) * stride + (i & ((1 << shift) - 1)) * step
+        if near:
+            prefetch(pf, at)
+        else:
+            prefetch_l2(pf, at)
 
 
 @njit(inline="always", **JIT)
@@ -559,7 +568,7 @@ def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed,
                 base, lines, shift, stride = _next_sources(codes, transposed, tasks[i + 1, 0], tasks[i + 1, 1])
             for j in range(blocks):                 # the next item's codes, a share per block
                 first = lines * j // blocks
-                plan = (base, first, lines * (j + 1) // blocks - first, shift, stride, 64 // flat.itemsize)
+                plan = (base, first, lines * (j + 1) // blocks - first, shift, stride, 64 // flat.itemsize, transposed)
                 _block(route, a, offsets[e] + j * block_rows(route), last, src, w0, k2, n0, slot, lora_l, l0, lora_r,
                        scale, out32, out16, results, flat, plan)
 
