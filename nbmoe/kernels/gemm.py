@@ -50,7 +50,7 @@ L2 (into L1 too: gate_up 126 -> 131 ms, the hints evict the rows of the block); 
 backward into L1 as well, since its panel build reads them with 16 x 16 transposes, not
 in the hardware prefetchers' streams: L2 only 162-166 / 78-80 ms for gate_up / down,
 L1 146-147 / 70-71 ms (per-block panel builds of the next item in place of one at item
-start: no further gain).
+start: no further gain). ``amx`` hints in one burst per block, into L2 only.
 
 Work split
 ----------
@@ -172,7 +172,7 @@ def _block(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, ou
     times the two 16-column blocks of packed weights at flat offset ``w0``, through the
     epilogue. Rows past ``last`` may be read (``ROW_SLACK``), never written.
     ``scratch`` [SCRATCH] float32 is the calling thread's own. Meanwhile it hints the
-    lines of ``plan`` (``_hint``) of ``pf`` into L2."""
+    lines of ``plan`` of ``pf`` into cache (``_hint``)."""
 
 
 @njit(inline="always", **JIT)
@@ -340,7 +340,10 @@ def _block_amx(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale
         return None
 
     def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
-        _hints(pf, plan, 0)                      # at once: amx has not been measured spread out
+        # at once, into L2 only: amx has not been measured spread out, and a block's share
+        # of a backward panel (48 KiB at T=1024) in one burst would fill L1
+        base, first, count, shift, stride, step, _ = plan
+        _hints(pf, (base, first, count, shift, stride, step, False), 0)
         ld = a.shape[1]
         w1 = w0 + k2 * LANES
         c00, c01 = tile_zero(), tile_zero()
