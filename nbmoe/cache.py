@@ -4,7 +4,7 @@ A ``ForwardCache`` holds everything backward reads, each array its own region:
 
 - the input ``x`` in token order (backward regathers it for the gate/up LoRA gradients),
 - the routing: ``topk_ids``, ``topk_weights``, ``rows``, ``offsets``, ``order``,
-  ``row_slot``, ``slot_of_expert``, ``active`` (backward restores this routing,
+  ``slot_of_expert``, ``active`` (backward restores this routing,
   never the current one),
 - ``gu`` (pre-activation g | u), ``d`` (bf16, expert order), and the LoRA
   down-projections ``xa_gu`` = x [A_gate; A_up]^T and ``xa_d`` = h A_down^T (fp32).
@@ -55,7 +55,6 @@ class ForwardCache:
         self.rows = alloc("rows", (tokens, k), np.int64)
         self.offsets = alloc("offsets", (E + 1,), np.int64)
         self.order = alloc("order", (pairs,), np.int64)
-        self.row_slot = alloc("row_slot", (pairs,), np.int64)
         self.slot_of_expert = alloc("slot_of_expert", (E,), np.int64)
         self.active = alloc("active", (E,), np.int64)
         self.gu = alloc("gu", (pairs, 2 * Ip), np.uint16)
@@ -131,7 +130,7 @@ def bytes_per_token(H, I, r, k):
 
 
 # what every tensor-parallel part of one forward computes alike (routing, x A_gu^T): saved once
-SHARED_BY_PARTS = ("x", "topk_ids", "topk_weights", "rows", "offsets", "order", "row_slot", "slot_of_expert",
+SHARED_BY_PARTS = ("x", "topk_ids", "topk_weights", "rows", "offsets", "order", "slot_of_expert",
                    "active", "xa_gu")
 
 

@@ -68,18 +68,27 @@ def test_project_and_outer(S, groups, R, m_dtype, seed):
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     active = np.arange(S)
     P = int(offsets[-1])
-    row_slot = np.repeat(np.arange(S), counts)
+    slot_of_row = np.repeat(np.arange(S), counts)
     m = rng.standard_normal((P, W)).astype(m_dtype)
     m_arg = m.view(np.uint16) if m_dtype == BF16 else m
     m64 = m.astype(np.float64)
     f = rng.standard_normal((S, R, W)).astype(np.float32)
-    out = np.zeros((P, groups * R), np.float32)
-    project(m_arg, offsets, row_slot, row_blocks(offsets, active, S), f, group, out)
-    for r in range(P):
-        for g in range(groups):
-            cols = slice(g * group, (g + 1) * group)
-            fs = f[row_slot[r], :, cols].astype(np.float64)
-            assert_fp32_sums(out[r, g * R:(g + 1) * R], fs @ m64[r, cols], np.abs(fs) @ np.abs(m64[r, cols]), group)
+    items = row_blocks(offsets, active, S)
+    # one buffer indexed by slot, and the same ranks split over two arrays (gate_a | up_a
+    # read in place) whose first axis is another order of the experts
+    where = rng.permutation(S)
+    split = int(rng.integers(1, R + 1))
+    f_lo, f_hi = np.empty_like(f[:, :split]), np.empty_like(f[:, split:])
+    f_lo[where], f_hi[where] = f[:, :split], f[:, split:]
+    for index, fs in ((np.arange(S), (f,)), (where, (f_lo, f_hi))):
+        out = np.zeros((P, groups * R), np.float32)
+        project(m_arg, offsets, items, index, fs, group, out)
+        for r in range(P):
+            for g in range(groups):
+                cols = slice(g * group, (g + 1) * group)
+                f64 = f[slot_of_row[r], :, cols].astype(np.float64)
+                assert_fp32_sums(out[r, g * R:(g + 1) * R], f64 @ m64[r, cols], np.abs(f64) @ np.abs(m64[r, cols]),
+                                 group)
 
     v = rng.standard_normal((P, groups * R)).astype(np.float32)
     acc = np.zeros((S, R, W), np.float32)

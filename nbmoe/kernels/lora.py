@@ -20,6 +20,9 @@ caller's arrays (float32, or bf16 as uint16 bits, any strides: TP slices are vie
 through a transposed view), read on every call, never kept: an in-place optimizer step
 is seen by the next call; its pad columns are written as zeros (the buffers are shared
 scratch, stale from the last call). ``store`` is its mirror for the gradients.
+``project`` also reads A factors where the caller keeps them (float32, C order, unpadded
+rows: the forward's ``x [A_g; A_u]^T`` and ``h A_d^T``, ``kernels.moe``), as a tuple of
+arrays whose ranks stack (gate_a, up_a), indexed by expert instead of slot.
 
 Both products are register-blocked like the GEMM: ``project`` keeps 4 rows x 4 ranks of
 16-lane partial sums over k (summed across lanes at the end), ``outer`` keeps 4 ranks x
@@ -131,17 +134,23 @@ def row_blocks(offsets, active, n_active):
 
 
 @njit(**JIT_PARALLEL)
-def project(m, offsets, row_slot, items, f, group, out):
-    """out[r, g*R + q] = sum_{k < group} M[r, g*group + k] * f[row_slot[r], q, g*group + k].
+def project(m, offsets, items, index, fs, group, out):
+    """out[r, g*R + q] = sum_{k < group} M[r, g*group + k] * F[index[e], q, g*group + k],
+    e the expert of row r; F the ranks of ``fs`` stacked in order (R in all).
 
     m [>=P, >=W] float32 or uint16 (bf16 bits), W and group multiples of 16; items from
-    ``row_blocks``; f [S, R, >=W] float32; out [>=P, (W/group)*R] float32.
+    ``row_blocks``; index [E] int64: an expert's position along the factors' first axis
+    (its active slot in ``load``'s buffers, the expert itself for the caller's arrays read
+    in place); fs: a tuple of float32 C arrays [*, R_j, >=W] (one buffer, or gate_a and
+    up_a side by side); out [>=P, (W/group)*R] float32.
     """
-    R = f.shape[1]
-    ld, ld_f = m.shape[1], f.shape[2]               # row strides; the groups come from out
+    R = 0
+    for j in range(len(fs)):
+        R += fs[j].shape[1]
+    ld = m.shape[1]                                 # the groups come from out
     for i in prange(items.shape[0]):
         r0, r1, r2, r3 = _item_rows(offsets, items, i)
-        s = row_slot[r0]
+        s = index[items[i, 0]]
         # fp32 M: the first rank pass of each group hints the next item's rows into L2.
         # Zen 4, 2 threads, T=1024 step of the Qwen3-30B-A3B layer: G B_d 4.6-4.8 -> 4.1
         # ms, dgu [B_g|B_u] 3.7-3.8 -> 3.1 ms.
@@ -152,8 +161,10 @@ def project(m, offsets, row_slot, items, f, group, out):
             for q0 in range(0, R, PROJECT_RANKS):
                 hint = ahead and q0 == 0
                 q1, q2, q3 = min(q0 + 1, R - 1), min(q0 + 2, R - 1), min(q0 + 3, R - 1)
-                f0, f1 = (s * R + q0) * ld_f, (s * R + q1) * ld_f
-                f2, f3 = (s * R + q2) * ld_f, (s * R + q3) * ld_f
+                a0, f0 = _rank_row(fs, s, q0)
+                a1, f1 = _rank_row(fs, s, q1)
+                a2, f2 = _rank_row(fs, s, q2)
+                a3, f3 = _rank_row(fs, s, q3)
                 c00, c01, c02, c03 = vzero(), vzero(), vzero(), vzero()
                 c10, c11, c12, c13 = vzero(), vzero(), vzero(), vzero()
                 c20, c21, c22, c23 = vzero(), vzero(), vzero(), vzero()
@@ -164,7 +175,7 @@ def project(m, offsets, row_slot, items, f, group, out):
                         prefetch_l2(m, n1 * ld + k)
                         prefetch_l2(m, n2 * ld + k)
                         prefetch_l2(m, n3 * ld + k)
-                    b0, b1, b2, b3 = vload(f, f0 + k), vload(f, f1 + k), vload(f, f2 + k), vload(f, f3 + k)
+                    b0, b1, b2, b3 = vload(a0, f0 + k), vload(a1, f1 + k), vload(a2, f2 + k), vload(a3, f3 + k)
                     x = vload_f32(m, r0 * ld + k)
                     c00, c01, c02, c03 = vfma2(x, b0, b1, c00, c01) + vfma2(x, b2, b3, c02, c03)
                     x = vload_f32(m, r1 * ld + k)
@@ -182,6 +193,17 @@ def project(m, offsets, row_slot, items, f, group, out):
                     _store_sums(out, r2, col, n, c20, c21, c22, c23)
                 if r3 > r2:
                     _store_sums(out, r3, col, n, c30, c31, c32, c33)
+
+
+@njit(inline="always", **JIT)
+def _rank_row(fs, s, q):
+    """(array, flat offset) of rank ``q`` of position ``s`` among the ranks of ``fs``."""
+    for j in range(len(fs)):
+        f = fs[j]
+        if q < f.shape[1] or j == len(fs) - 1:
+            return f, (s * f.shape[1] + q) * f.shape[2]
+        q -= f.shape[1]
+    return fs[0], 0
 
 
 @njit(inline="always", **JIT)

@@ -2,7 +2,7 @@
 
 Dataflow (forward)::
 
-    topk_ids [T, k] --route_pairs--> offsets [E+1], order [P], rows [T, k], row_slot [P]
+    topk_ids [T, k] --route_pairs--> offsets [E+1], order [P], rows [T, k]
     x [T, H] --gather_rows(order)--> xs [P, Hp]          (expert order, zero pad)
     d [P, Hp] fp32 --combine_rows(rows, w)--> y [T, H]   (sum over slots in fp32, one rounding)
 
@@ -30,13 +30,13 @@ from .simd import (LANES, bf16_to_f32, f32_to_bf16, vfma, vhsum, vload, vload_bf
 
 
 @njit(**JIT)
-def route_pairs(ids, slot_of_expert, offsets, order, rows, row_slot, active):
+def route_pairs(ids, slot_of_expert, offsets, order, rows, active):
     """Counting sort of the (token, slot) pairs by expert; returns (P, S): routed pairs
     and active experts.
 
     ids [T, k] int64 in [-1, E). Fills offsets [E+1], order [P] (pair index t*k + j
     per row), rows [T, k] (-1 for skipped slots), slot_of_expert [E] (index of expert
-    e among the active ones, -1 if idle), active [S] (its inverse) and row_slot [P].
+    e among the active ones, -1 if idle) and active [S] (its inverse).
     """
     T, k = ids.shape
     E = offsets.shape[0] - 1
@@ -65,7 +65,6 @@ def route_pairs(ids, slot_of_expert, offsets, order, rows, row_slot, active):
             cursor[e] += 1
             order[r] = t * k + j
             rows[t, j] = r
-            row_slot[r] = slot_of_expert[e]
     return offsets[E], S
 
 
