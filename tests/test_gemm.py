@@ -77,6 +77,22 @@ def test_both_directions_multiply_by_the_stored_weights(route, E, N, K, fmt, mos
             assert not np.any(out[rows, cols:])                                    # pad columns: zero
 
 
+def _problem(rng, counts, groups, N, K):
+    """A grouped GEMM's inputs for experts of ``counts`` rows: (offsets, P, active,
+    slot_of_expert, w [E, groups * N, K] bf16, its PackedWeight, the bf16 rows a [P +
+    ROW_SLACK, Kp] uint16)."""
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    P = int(offsets[-1])
+    active = np.flatnonzero(counts)
+    slot_of_expert = np.full(len(counts), -1, np.int64)
+    slot_of_expert[active] = np.arange(active.size)
+    w = rng.standard_normal((len(counts), groups * N, K)).astype(BF16)
+    packed = PackedWeight([w[:, g * N:(g + 1) * N].view(np.uint16) for g in range(groups)], "bf16")
+    a = np.zeros((P + ROW_SLACK, padded(K)), np.uint16)
+    a[:P, :K] = rng.standard_normal((P, K)).astype(BF16).view(np.uint16)
+    return offsets, P, active, slot_of_expert, w, packed, a
+
+
 @pytest.mark.parametrize("route", RUNNABLE)
 @settings(max_examples=40, deadline=None)
 @given(E=st.integers(1, 5), N=st.integers(1, 80), K=st.integers(1, 80), R=st.sampled_from([0, 1, 4]),
@@ -84,17 +100,8 @@ def test_both_directions_multiply_by_the_stored_weights(route, E, N, K, fmt, mos
 def test_grouped_gemm_matches_float64(route, E, N, K, R, groups, most, seed):
     # up to 40 rows an expert: full blocks and tails of every route (4, 8 and 32 rows)
     rng = np.random.default_rng(seed)
-    Np, Kp = padded(N), padded(K)
-    counts = rng.integers(0, most + 1, E)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    P = int(offsets[-1])
-    active = np.flatnonzero(counts)
-    slot_of_expert = np.full(E, -1, np.int64)
-    slot_of_expert[active] = np.arange(active.size)
-    w = rng.standard_normal((E, groups * N, K)).astype(BF16)
-    packed = PackedWeight([w[:, g * N:(g + 1) * N].view(np.uint16) for g in range(groups)], "bf16")
-    a = np.zeros((P + ROW_SLACK, Kp), np.uint16)
-    a[:P, :K] = rng.standard_normal((P, K)).astype(BF16).view(np.uint16)
+    Np = padded(N)
+    offsets, P, active, slot_of_expert, w, packed, a = _problem(rng, rng.integers(0, most + 1, E), groups, N, K)
     lora_l = rng.standard_normal((P + 2, groups * R)).astype(np.float32)
     lora_r = np.zeros((max(active.size, 1), R, groups * Np), np.float32)
     for g in range(groups):
@@ -118,6 +125,27 @@ def test_grouped_gemm_matches_float64(route, E, N, K, R, groups, most, seed):
             assert rel(out16[rows, cols].view(BF16), round_bf16(ref)) < 4e-3
             assert not np.any(out32[rows, g * Np + N:(g + 1) * Np])          # pad columns: zero
     assert np.all(np.isnan(out32[P:]))                                        # rows past P: untouched
+
+
+@pytest.mark.parametrize("route", RUNNABLE)
+@pytest.mark.parametrize("R, groups", [(16, 2), (32, 1)])
+def test_epilogue_turns_caller_b_as_load_does(route, R, groups):
+    """The caller's B [E, N, R] per group, turned per item into the thread's tile, gives
+    the bits of the ``load`` buffer of B^T: the same FMAs in the same order."""
+    rng = np.random.default_rng(R)
+    E, N, K = 5, 64, 96
+    counts = np.array([0, 1, 3, 40, 9])                      # idle, one row, tail, blocks
+    offsets, P, active, slot_of_expert, _, packed, a = _problem(rng, counts, groups, N, K)
+    lora_l = rng.standard_normal((P, groups * R)).astype(np.float32)
+    bs = tuple(rng.standard_normal((E, N, R)).astype(np.float32) for _ in range(groups))
+    buffer = np.concatenate([b[active].transpose(0, 2, 1) for b in bs], axis=2)
+    outs = []
+    for lora_r in (np.ascontiguousarray(buffer), bs):
+        out32 = np.full((P, groups * N), np.nan, np.float32)
+        grouped_gemm(isa.Route(route, ""), a.view(np.uint32), packed, offsets, slot_of_expert, lora_l, lora_r, N,
+                     np.float32(0.5), out32, np.zeros((0, 0), np.uint16))
+        outs.append(out32)
+    assert not np.any(np.isnan(outs[0])) and np.array_equal(outs[0], outs[1])
 
 
 @given(st.integers(1, 1 << 20))

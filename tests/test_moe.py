@@ -78,18 +78,21 @@ def test_moe_mixed_lora_dtypes():
     assert_close(problem, *problem.run(max_tokens=10))
 
 
-def test_moe_a_factors_read_in_place_or_loaded_alike():
-    """float32 C-order A factors are read where they lie, others loaded into the factor
-    buffers first (Fortran order here, same values): the same sums, bit for bit."""
-    problem = Problem(seed=8, E=5, k=2, H=64, I=32, r=4, T=12)
+@pytest.mark.parametrize("r", [16, 32])
+def test_moe_factors_read_in_place_or_loaded_alike(r):
+    """float32 C-order factors of unpadded shapes are read where they lie in forward (B
+    turned per GEMM item: r a multiple of 16); others are loaded into the factor buffers
+    first (Fortran order here, same values): the same sums, bit for bit."""
+    problem = Problem(seed=8, E=5, k=2, H=64, I=32, r=r, T=12)
     y, grads = problem.run(max_tokens=12)
     assert_close(problem, y, grads)
-    for name in ("gate_a", "down_a"):
-        setattr(problem.lora, name, np.asfortranarray(getattr(problem.lora, name)))
-    y2, grads2 = problem.run(max_tokens=12)
-    assert np.array_equal(y.view(np.uint16), y2.view(np.uint16))
-    for name in LORA_FIELDS:
-        assert np.array_equal(getattr(grads, name), getattr(grads2, name))
+    for names in (("gate_a",), ("down_a", "up_b"), LORA_FIELDS):
+        for name in names:
+            setattr(problem.lora, name, np.asfortranarray(getattr(problem.lora, name)))
+        y2, grads2 = problem.run(max_tokens=12)
+        assert np.array_equal(y.view(np.uint16), y2.view(np.uint16))
+        for name in LORA_FIELDS:
+            assert np.array_equal(getattr(grads, name), getattr(grads2, name))
 
 
 def test_moe_without_lora_returns_no_lora_grads():

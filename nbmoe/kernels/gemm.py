@@ -8,8 +8,11 @@ activations::
 
 then stored as fp32 (``out32``) and/or rounded to bf16 (``out16``). ``s`` is the expert's
 active slot. ``lora_l`` holds the LoRA down-projections of the rows (``x A^T``, ...),
-``lora_r`` the per-slot up factors (``B^T``, ...); ``group_n`` lets one GEMM carry two
-adapters side by side (gate | up). ``R == 0`` means no LoRA.
+``lora_r`` the per-slot up factors (``B^T``, ...) of ``lora.load``; ``group_n`` lets one
+GEMM carry two adapters side by side (gate | up). ``R == 0`` means no LoRA. In place of
+``lora_r`` the forward passes the caller's B arrays themselves, one per group: each item
+turns its 32 x R block into the thread's scratch (``_item_lora``), so no copy of the
+factors is written and read back.
 
 Layout (shared by every route and format)
 -----------------------------------------
@@ -78,7 +81,7 @@ from ..config import JIT, JIT_PARALLEL
 from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdequant_bf16, vdpbf16
 from .schedule import balanced
 from .simd import (LANES, f32_from_bits, prefetch, prefetch_l2, vdequant, vfma2, vload, vload_bf16, vload_u8,
-                   vpair_hi, vpair_lo, vsplat, vsplat_pair, vstore, vstore_bf16, vtranspose8, vzero)
+                   vpair_hi, vpair_lo, vsplat, vsplat_pair, vstore, vstore_bf16, vtranspose8, vtranspose16, vzero)
 
 PAD = 32          # N and K padding: two vectors of output, one AMX tile of K
 TILE_N = 32       # output columns per work item (two 16-lane vectors, two AMX tiles)
@@ -123,30 +126,25 @@ def _store_row(m, n0, c0, c1, out32, out16):
 
 
 @njit(inline="always", **JIT)
-def _lora_r(slot, q, n0, lora_r):
-    """The two 16-column vectors of up-factor row ``q`` of ``slot`` at column ``n0``."""
-    at = (slot * lora_r.shape[1] + q) * lora_r.shape[2] + n0
-    return vload(lora_r, at), vload(lora_r, at + LANES)
-
-
-@njit(inline="always", **JIT)
-def _finish_row(m, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16):
+def _finish_row(m, n0, c0, c1, lora, out32, out16):
     """Epilogue of one output row: add the LoRA term, store (tails and ``amx``; the
-    register blocks run ``_finish4``)."""
-    for q in range(lora_r.shape[1]):
-        b0, b1 = _lora_r(slot, q, n0, lora_r)
+    register blocks run ``_finish4``). ``lora`` = (lora_l, l0, up, at, ld, R, scale): the
+    item's up-factor row q at ``up[at + q * ld:][:32]`` (``_item_lora``)."""
+    lora_l, l0, up, at, ld, R, scale = lora
+    for q in range(R):
+        b0, b1 = vload(up, at + q * ld), vload(up, at + q * ld + LANES)
         c0, c1 = vfma2(vsplat(scale * lora_l[m, l0 + q]), b0, b1, c0, c1)
     _store_row(m, n0, c0, c1, out32, out16)
 
 
 @njit(inline="always", **JIT)
-def _finish4(r0, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, slot, lora_l, l0, lora_r, scale,
-             out32, out16):
+def _finish4(r0, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, lora, out32, out16):
     """Epilogue of four rows of a register block: the LoRA term up-factor row outer (each
-    row of ``lora_r`` loaded once for the four, four independent FMA chains), then the
+    row of the up factor loaded once for the four, four independent FMA chains), then the
     stores; per element the same sums in the same order as ``_finish_row``."""
-    for q in range(lora_r.shape[1]):
-        b0, b1 = _lora_r(slot, q, n0, lora_r)
+    lora_l, l0, up, at, ld, R, scale = lora
+    for q in range(R):
+        b0, b1 = vload(up, at + q * ld), vload(up, at + q * ld + LANES)
         c00, c01 = vfma2(vsplat(scale * lora_l[r0, l0 + q]), b0, b1, c00, c01)
         c10, c11 = vfma2(vsplat(scale * lora_l[r1, l0 + q]), b0, b1, c10, c11)
         c20, c21 = vfma2(vsplat(scale * lora_l[r2, l0 + q]), b0, b1, c20, c21)
@@ -155,6 +153,29 @@ def _finish4(r0, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, slot, l
     _store_row(r1, n0, c10, c11, out32, out16)
     _store_row(r2, n0, c20, c21, out32, out16)
     _store_row(r3, n0, c30, c31, out32, out16)
+
+
+@njit(inline="always", **JIT)
+def _item_lora(e, slot, n0, lora_l, ups, turned, group_n, scale, tile):
+    """The epilogue's ``lora`` tuple for item (``e``, columns ``n0 .. n0 + 31``).
+
+    ``ups`` (two float32 C arrays): with ``turned``, the caller's B factors [E, N_g, R]
+    of the groups (gate_b, up_b or down_b twice), whose 32 x R block the item turns
+    into ``tile`` [R * 32] (16 x 16 blocks in registers, ``vtranspose16``); else one
+    ``load`` buffer [S, R, >=Np] of B^T (or A) rows, read in place.
+    """
+    g = n0 // group_n
+    if turned:
+        b = ups[g]
+        N, R = b.shape[1], b.shape[2]
+        n = n0 - g * group_n
+        for q0 in range(0, R, LANES):
+            for half in range(2):
+                vtranspose16(b, (e * N + n + half * LANES) * R + q0, R, tile, q0 * TILE_N + half * LANES, TILE_N)
+        return lora_l, g * R, tile, 0, TILE_N, R, scale
+    f = ups[0]
+    R, ld = f.shape[1], f.shape[2]
+    return lora_l, g * R, f.reshape(-1), slot * R * ld + n0, ld, R, scale
 
 
 def block_rows(route):
@@ -167,7 +188,7 @@ def _block_rows(route):
     return lambda route: rows
 
 
-def _block(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
+def _block(route, a, m, last, w, w0, k2, n0, lora, out32, out16, scratch, pf, plan):
     """Rows ``m .. m + block_rows(route) - 1`` (those ``<= last``) of ``a`` (uint32 bf16 pairs)
     times the two 16-column blocks of packed weights at flat offset ``w0``, through the
     epilogue. Rows past ``last`` may be read (``ROW_SLACK``), never written.
@@ -243,27 +264,27 @@ def _row(route, a, r, w, w0, k2):
 
 
 @njit(inline="always", **JIT)
-def _tail_rows(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16):
+def _tail_rows(route, a, m, last, w, w0, k2, n0, lora, out32, out16):
     """Rows m..last, fewer than a block: one at a time over the (by now cached) weights,
     not a clamped block of duplicate rows (decode: one row per expert, no wasted work)."""
     for r in range(m, last + 1):
         c0, c1 = _row(route, a, r, w, w0, k2)
-        _finish_row(r, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
+        _finish_row(r, n0, c0, c1, lora, out32, out16)
 
 
 @overload(_block, jit_options=JIT, inline="always")
-def _block_fma(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
+def _block_fma(route, a, m, last, w, w0, k2, n0, lora, out32, out16, scratch, pf, plan):
     """generic / avx512: widen each weight pair to two fp32 vectors once per step, 2 FMAs
     per row; 4 rows x 32 columns = 8 accumulators (fits 16 registers of any vector ISA).
     Fewer rows than a block go to ``_tail_rows``."""
     if route.route not in ("generic", "avx512"):
         return None
 
-    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
+    def impl(route, a, m, last, w, w0, k2, n0, lora, out32, out16, scratch, pf, plan):
         w1 = w0 + k2 * LANES
         if last - m + 1 < MR:
             _hints(pf, plan, 0)
-            _tail_rows(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16)
+            _tail_rows(route, a, m, last, w, w0, k2, n0, lora, out32, out16)
             return
         r1, r2, r3 = m + 1, m + 2, m + 3
         c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
@@ -278,8 +299,7 @@ def _block_fma(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale
             c20, c21 = _pair_fma(a[r2, p], b0l, b0h, b1l, b1h, c20, c21)
             c30, c31 = _pair_fma(a[r3, p], b0l, b0h, b1l, b1h, c30, c31)
         _hints(pf, plan, k2)
-        _finish4(m, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, slot, lora_l, l0, lora_r, scale,
-                 out32, out16)
+        _finish4(m, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, lora, out32, out16)
     return impl
 
 
@@ -289,7 +309,7 @@ def _dp2(x, b0, b1, c0, c1):
 
 
 @overload(_block, jit_options=JIT, inline="always")
-def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
+def _block_bf16(route, a, m, last, w, w0, k2, n0, lora, out32, out16, scratch, pf, plan):
     """avx512_bf16: one ``vdpbf16ps`` per row and 16 columns per K pair, the row's pair
     broadcast; 8 rows x 32 columns = 16 accumulators of the 32 zmm registers. A tail of
     ``CLAMP_ROWS`` or more rows repeats its last row to fill the block; fewer go to
@@ -297,10 +317,10 @@ def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scal
     if route.route != "avx512_bf16":
         return None
 
-    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
+    def impl(route, a, m, last, w, w0, k2, n0, lora, out32, out16, scratch, pf, plan):
         if last - m + 1 < CLAMP_ROWS:
             _hints(pf, plan, 0)
-            _tail_rows(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16)
+            _tail_rows(route, a, m, last, w, w0, k2, n0, lora, out32, out16)
             return
         w1 = w0 + k2 * LANES
         r1, r2, r3, r4 = min(m + 1, last), min(m + 2, last), min(m + 3, last), min(m + 4, last)
@@ -322,15 +342,13 @@ def _block_bf16(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scal
             c60, c61 = _dp2(vsplat_pair(a[r6, p]), b0, b1, c60, c61)
             c70, c71 = _dp2(vsplat_pair(a[r7, p]), b0, b1, c70, c71)
         _hints(pf, plan, k2)
-        _finish4(m, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, slot, lora_l, l0, lora_r, scale,
-                 out32, out16)
-        _finish4(r4, r5, r6, r7, n0, c40, c41, c50, c51, c60, c61, c70, c71, slot, lora_l, l0, lora_r, scale,
-                 out32, out16)
+        _finish4(m, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, lora, out32, out16)
+        _finish4(r4, r5, r6, r7, n0, c40, c41, c50, c51, c60, c61, c70, c71, lora, out32, out16)
     return impl
 
 
 @overload(_block, jit_options=JIT, inline="always")
-def _block_amx(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
+def _block_amx(route, a, m, last, w, w0, k2, n0, lora, out32, out16, scratch, pf, plan):
     """amx: 2 x 2 tiles of 16 x 16 fp32 (32 rows x 32 columns) over K in steps of 32:
     per step 2 A tiles (16 rows x 32 bf16) and 2 B tiles (16 pairs x 16 columns: 1 KiB
     contiguous in the packed layout), 4 ``tdpbf16ps``; 8 tile registers. A block of at
@@ -339,7 +357,7 @@ def _block_amx(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale
     if route.route != "amx":
         return None
 
-    def impl(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale, out32, out16, scratch, pf, plan):
+    def impl(route, a, m, last, w, w0, k2, n0, lora, out32, out16, scratch, pf, plan):
         # at once, into L2 only: amx has not been measured spread out, and a block's share
         # of a backward panel (48 KiB at T=1024) in one burst would fill L1
         base, first, count, shift, stride, step, _ = plan
@@ -369,7 +387,7 @@ def _block_amx(route, a, m, last, w, w0, k2, n0, slot, lora_l, l0, lora_r, scale
         tile_store(scratch, LANES, TILE_N * 4, c01)
         for i in range(min(MR_AMX, last - m + 1)):
             _finish_row(m + i, n0, vload(scratch, i * TILE_N), vload(scratch, i * TILE_N + LANES),
-                        slot, lora_l, l0, lora_r, scale, out32, out16)
+                        lora, out32, out16)
     return impl
 
 
@@ -541,24 +559,24 @@ def thread_scratch(words):
 
 @njit(**JIT_PARALLEL)
 def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed, offsets, slot_of_expert, tasks,
-                  bounds, lora_l, lora_r, group_n, scale, out32, out16, scratch):
+                  bounds, lora_l, ups, turned, group_n, scale, out32, out16, scratch):
     k2 = codes.shape[1] * 8 if transposed else codes.shape[2]
-    R = lora_r.shape[1]
+    at_tile = SCRATCH + TMP + 2 * k2 * LANES
     for c in prange(bounds.shape[0] - 1):
         own = scratch[c]                                    # this run's scratch: no sharing
         results = own[:SCRATCH].view(np.float32)
         tmp = own[SCRATCH:SCRATCH + TMP]
-        panel = own[SCRATCH + TMP:SCRATCH + TMP + 2 * k2 * LANES]
+        panel = own[SCRATCH + TMP:at_tile]
+        tile = own[at_tile:].view(np.float32)
         for i in range(bounds[c], bounds[c + 1]):
             e = tasks[i, 0]
             n0 = tasks[i, 1] * TILE_N
-            slot = slot_of_expert[e]
-            l0 = (n0 // group_n) * R
+            lora = _item_lora(e, slot_of_expert[e], n0, lora_l, ups, turned, group_n, scale, tile)
             last = offsets[e + 1] - 1
             if not transposed and last - offsets[e] < DECODING_ROWS:
                 for r in range(offsets[e], last + 1):
                     c0, c1 = _row_decoding(route, a, r, codes, flat, scales, zeros, group_pairs, e, n0 // LANES)
-                    _finish_row(r, n0, c0, c1, slot, lora_l, l0, lora_r, scale, out32, out16)
+                    _finish_row(r, n0, c0, c1, lora, out32, out16)
                 continue
             if transposed:
                 _backward_panel(route, codes, flat, scales, zeros, group_pairs, e, n0 // 2, panel, tmp)
@@ -572,8 +590,8 @@ def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed,
             for j in range(blocks):                 # the next item's codes, a share per block
                 first = lines * j // blocks
                 plan = (base, first, lines * (j + 1) // blocks - first, shift, stride, 64 // flat.itemsize, transposed)
-                _block(route, a, offsets[e] + j * block_rows(route), last, src, w0, k2, n0, slot, lora_l, l0, lora_r,
-                       scale, out32, out16, results, flat, plan)
+                _block(route, a, offsets[e] + j * block_rows(route), last, src, w0, k2, n0, lora, out32, out16,
+                       results, flat, plan)
 
 
 def grouped_gemm(route, a, w, offsets, slot_of_expert, lora_l, lora_r, group_n, scale, out32, out16,
@@ -582,17 +600,23 @@ def grouped_gemm(route, a, w, offsets, slot_of_expert, lora_l, lora_r, group_n, 
 
     a [>=P + ROW_SLACK, Kp/2] uint32 (bf16 pairs, expert order); w: the ``PackedWeight``
     of ``W [E, N, K]``; offsets [E+1] int64; slot_of_expert [E] int64; lora_l [>=P, G*R]
-    float32; lora_r [S, R, Np] float32; group_n: columns per LoRA group; out32 [>=P, Np]
+    float32; lora_r: a ``load`` buffer [S, R, >=Np] float32 (per active slot: B^T, or A),
+    or a tuple of the caller's B arrays [E, N_g, R] float32, C order, one per group
+    (gate_b, up_b; or down_b), N_g == group_n, R a multiple of 16, read in place
+    (``_item_lora``); group_n: columns per LoRA group; out32 [>=P, Np]
     float32 or empty; out16 [>=P, Np] uint16 or empty. With ``transposed`` the product
     is by ``W^T`` from the same codes: ``a`` [.., Np/2], outputs ``Kp`` columns wide.
     """
     route.require()
     NB, KP2 = w.codes.shape[1], w.codes.shape[2]
     k2, tiles = (NB * 8, 2 * KP2 // TILE_N) if transposed else (KP2, NB * LANES // TILE_N)
-    scratch = thread_scratch(SCRATCH + TMP + 2 * k2 * LANES)
+    turned = isinstance(lora_r, tuple)
+    ups = (lora_r * 2)[:2] if turned else (lora_r, lora_r)      # one type for both kinds: one compile
+    tile = ups[0].shape[2] * TILE_N if turned else 0
+    scratch = thread_scratch(SCRATCH + TMP + 2 * k2 * LANES + tile)
     tasks, bounds = make_tasks(offsets, slot_of_expert, tiles, scratch.shape[0])
     _grouped_gemm(route, a, w.codes, w.codes.reshape(-1), w.scales, w.zeros, w.group_pairs, transposed, offsets,
-                  slot_of_expert, tasks, bounds, lora_l, lora_r, group_n, scale, out32, out16, scratch)
+                  slot_of_expert, tasks, bounds, lora_l, ups, turned, group_n, scale, out32, out16, scratch)
 
 
 @njit(**JIT_PARALLEL)

@@ -20,9 +20,10 @@ caller's arrays (float32, or bf16 as uint16 bits, any strides: TP slices are vie
 through a transposed view), read on every call, never kept: an in-place optimizer step
 is seen by the next call; its pad columns are written as zeros (the buffers are shared
 scratch, stale from the last call). ``store`` is its mirror for the gradients.
-``project`` also reads A factors where the caller keeps them (float32, C order, unpadded
-rows: the forward's ``x [A_g; A_u]^T`` and ``h A_d^T``, ``kernels.moe``), as a tuple of
-arrays whose ranks stack (gate_a, up_a), indexed by expert instead of slot.
+The forward reads no buffer where the caller's arrays allow (float32, C order,
+unpadded: ``kernels.moe``): ``project`` takes A as a tuple of arrays whose ranks stack
+(gate_a, up_a), indexed by expert instead of slot, and the GEMM epilogue turns B per
+item (``gemm._item_lora``). The backward loads: its projections need B^T whole.
 
 Both products are register-blocked like the GEMM: ``project`` keeps 4 rows x 4 ranks of
 16-lane partial sums over k (summed across lanes at the end), ``outer`` keeps 4 ranks x

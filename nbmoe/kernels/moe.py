@@ -15,7 +15,11 @@ Forward::
     grouped_gemm(h, W_d) + s xa_d B_d^T -> d [P, Hp] fp32 (ws) and bf16        (cache)
     combine_rows(d, topk_weights)       -> y [T, H] bf16
 
-Backward (routing, gu, d, xa_* from the cache; h recomputed; LoRA factors reloaded)::
+The forward reads the LoRA factors where the caller keeps them (``_forward_factors``:
+float32, C order, unpadded; B turned per GEMM item), else loads them first.
+
+Backward (routing, gu, d, xa_* from the cache; h recomputed; LoRA factors loaded into
+the factor buffers: B^T for the projections, both A into the epilogues)::
 
     pair_grads(grad_y, d)               -> G = w grad_y [P, Hp] fp32 (+ bf16 G16), grad_w [T, k]
     project(G, B_d^T)                   -> gb_d = G B_d [P, r]
@@ -40,6 +44,7 @@ import numpy as np
 
 from .activation import silu_mul, silu_mul_backward
 from .gemm import ROW_SLACK, PackedWeight, grouped_gemm, padded
+from .simd import LANES
 from .lora import load, outer, project, row_blocks, store
 from .routing import combine_rows, gather_rows, pair_grads, route_pairs
 
@@ -135,29 +140,39 @@ def _load_lora(lora, cache, ws, Ip, Hp, skip=()):
             load(_a_layout(name, getattr(lora, name)), cache.active, cache.n_active, factor, row0, col0, width)
 
 
-def _readable_in_place(arr, width):
-    """Whether ``project`` can read A factor ``arr`` [E, r, K] where it lies: float32, C
-    order, K the padded width (a row read whole reads no neighbour)."""
-    return arr.dtype == np.float32 and arr.flags.c_contiguous and arr.shape[2] == width
+def _readable_in_place(name, arr, Ip, Hp):
+    """Whether the forward can read LoRA array ``name`` where the caller keeps it: float32,
+    C order, unpadded (A [E, r, K]: K the padded width, a row read whole reads no
+    neighbour; B [E, N, r]: N the padded height, r a multiple of 16, turned 16 x 16 per
+    GEMM item)."""
+    if arr.dtype != np.float32 or not arr.flags.c_contiguous:
+        return False
+    padded_dim = Hp if name in ("gate_a", "up_a", "down_b") else Ip
+    if name.endswith("_a"):
+        return arr.shape[2] == padded_dim
+    return arr.shape[1] == padded_dim and arr.shape[2] % LANES == 0
 
 
-def _forward_a(lora, cache, ws, Ip, Hp):
-    """(index, factors) of the forward's two projections, x [A_g; A_u]^T and h A_d^T: the
-    caller's A arrays read in place where ``_readable_in_place`` (indexed by expert), else
-    ``load``'s buffers (indexed by slot), which this loads along with the B factors.
+def _forward_factors(lora, cache, ws, Ip, Hp):
+    """The forward's LoRA factors: (index, A arrays) of its two projections, x [A_g; A_u]^T
+    and h A_d^T, then the up factors of its two GEMM epilogues, [B_g | B_u] and B_d. The
+    caller's arrays where ``_readable_in_place`` (a projection indexes them by expert; a
+    GEMM takes a tuple of B), else ``load``'s buffers (indexed by slot; B^T), which this
+    loads. gate and up go one way together.
 
-    In place skips a copy the projection would read back at once: at T=16 on the
-    Qwen3-30B-A3B layer the active A factors are 25 MB, written and read again (Zen 4, 2
-    threads: the forward's factor loads 3.3 ms of 34).
+    In place skips a copy read straight back: at T=16 on the Qwen3-30B-A3B layer the
+    active factors are 44 MB, written and read again (Zen 4, 2 threads: the forward's
+    factor loads took 3.3 ms of 34).
     """
-    gu_in_place = _readable_in_place(lora.gate_a, Hp) and _readable_in_place(lora.up_a, Hp)
-    d_in_place = _readable_in_place(lora.down_a, Ip)
-    skip = ("gate_a", "up_a") * gu_in_place + ("down_a",) * d_in_place
-    _load_lora(lora, cache, ws, Ip, Hp, skip)
+    pairs = (("gate_a", "up_a"), ("down_a",), ("gate_b", "up_b"), ("down_b",))
+    where = [all(_readable_in_place(name, getattr(lora, name), Ip, Hp) for name in names) for names in pairs]
+    _load_lora(lora, cache, ws, Ip, Hp, skip=[name for names, ok in zip(pairs, where) if ok for name in names])
     experts = np.arange(cache.slot_of_expert.shape[0], dtype=np.int64)
-    gu = (experts, (lora.gate_a, lora.up_a)) if gu_in_place else (cache.slot_of_expert, (ws.a_gu,))
-    d = (experts, (lora.down_a,)) if d_in_place else (cache.slot_of_expert, (ws.a_d,))
-    return gu, d
+    a_gu, a_d, b_gu, b_d = ((tuple(getattr(lora, name) for name in names) if ok else None)
+                            for names, ok in zip(pairs, where))
+    return ((experts, a_gu) if a_gu else (cache.slot_of_expert, (ws.a_gu,)),
+            (experts, a_d) if a_d else (cache.slot_of_expert, (ws.a_d,)),
+            b_gu or ws.bt_gu, b_d or ws.bt_d)
 
 
 def _combine(rows, weights, src, out, add):
@@ -192,17 +207,18 @@ def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y, add=Fa
         return
     gather_rows(x, cache.order, k, P, ws.xs)
     scale = np.float32(lora.scale if lora is not None else 0.0)
+    b_gu, b_d = ws.bt_gu, ws.bt_d
     if lora is not None:
-        a_gu, a_d = _forward_a(lora, cache, ws, Ip, Hp)
+        a_gu, a_d, b_gu, b_d = _forward_factors(lora, cache, ws, Ip, Hp)
         rows = row_blocks(cache.offsets, cache.active, cache.n_active)
         project(ws.xs, cache.offsets, rows, *a_gu, Hp, cache.xa_gu)
     grouped_gemm(route, ws.xs.view(np.uint32), packed.gu, cache.offsets, cache.slot_of_expert,
-                 cache.xa_gu, ws.bt_gu, Ip, scale, _EMPTY_F32, cache.gu)
+                 cache.xa_gu, b_gu, Ip, scale, _EMPTY_F32, cache.gu)
     silu_mul(cache.gu, P, ws.h)
     if lora is not None:
         project(ws.h, cache.offsets, rows, *a_d, Ip, cache.xa_d)
     grouped_gemm(route, ws.h.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert,
-                 cache.xa_d, ws.bt_d, Hp, scale, ws.d32, cache.d)
+                 cache.xa_d, b_d, Hp, scale, ws.d32, cache.d)
     _combine(cache.rows[:T], cache.topk_weights[:T], ws.d32, y, add)
 
 
