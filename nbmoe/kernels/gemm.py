@@ -156,13 +156,14 @@ def _finish4(r0, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, lora, o
 
 
 @njit(inline="always", **JIT)
-def _item_lora(e, slot, n0, lora_l, ups, turned, group_n, scale, tile):
+def _item_lora(e, slot, n0, lora_l, ups, up_flat, turned, group_n, scale, tile):
     """The epilogue's ``lora`` tuple for item (``e``, columns ``n0 .. n0 + 31``).
 
     ``ups`` (two float32 C arrays): with ``turned``, the caller's B factors [E, N_g, R]
     of the groups (gate_b, up_b or down_b twice), whose 32 x R block the item turns
     into ``tile`` [R * 32] (16 x 16 blocks in registers, ``vtranspose16``); else one
-    ``load`` buffer [S, R, >=Np] of B^T (or A) rows, read in place.
+    ``load`` buffer [S, R, >=Np] of B^T (or A) rows, read in place (``up_flat``: its
+    flat view).
     """
     g = n0 // group_n
     if turned:
@@ -173,9 +174,8 @@ def _item_lora(e, slot, n0, lora_l, ups, turned, group_n, scale, tile):
             for half in range(2):
                 vtranspose16(b, (e * N + n + half * LANES) * R + q0, R, tile, q0 * TILE_N + half * LANES, TILE_N)
         return lora_l, g * R, tile, 0, TILE_N, R, scale
-    f = ups[0]
-    R, ld = f.shape[1], f.shape[2]
-    return lora_l, g * R, f.reshape(-1), slot * R * ld + n0, ld, R, scale
+    R, ld = ups[0].shape[1], ups[0].shape[2]
+    return lora_l, g * R, up_flat, slot * R * ld + n0, ld, R, scale
 
 
 def block_rows(route):
@@ -562,6 +562,7 @@ def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed,
                   bounds, lora_l, ups, turned, group_n, scale, out32, out16, scratch):
     k2 = codes.shape[1] * 8 if transposed else codes.shape[2]
     at_tile = SCRATCH + TMP + 2 * k2 * LANES
+    up_flat = ups[0].reshape(-1)
     for c in prange(bounds.shape[0] - 1):
         own = scratch[c]                                    # this run's scratch: no sharing
         results = own[:SCRATCH].view(np.float32)
@@ -571,7 +572,7 @@ def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed,
         for i in range(bounds[c], bounds[c + 1]):
             e = tasks[i, 0]
             n0 = tasks[i, 1] * TILE_N
-            lora = _item_lora(e, slot_of_expert[e], n0, lora_l, ups, turned, group_n, scale, tile)
+            lora = _item_lora(e, slot_of_expert[e], n0, lora_l, ups, up_flat, turned, group_n, scale, tile)
             last = offsets[e + 1] - 1
             if not transposed and last - offsets[e] < DECODING_ROWS:
                 for r in range(offsets[e], last + 1):

@@ -199,12 +199,12 @@ def project(m, offsets, items, index, fs, group, out):
 @njit(inline="always", **JIT)
 def _rank_row(fs, s, q):
     """(array, flat offset) of rank ``q`` of position ``s`` among the ranks of ``fs``."""
-    for j in range(len(fs)):
-        f = fs[j]
-        if q < f.shape[1] or j == len(fs) - 1:
-            return f, (s * f.shape[1] + q) * f.shape[2]
-        q -= f.shape[1]
-    return fs[0], 0
+    for j in range(len(fs) - 1):
+        if q < fs[j].shape[1]:
+            return fs[j], (s * fs[j].shape[1] + q) * fs[j].shape[2]
+        q -= fs[j].shape[1]
+    f = fs[len(fs) - 1]
+    return f, (s * f.shape[1] + q) * f.shape[2]
 
 
 @njit(inline="always", **JIT)

@@ -44,9 +44,9 @@ import numpy as np
 
 from .activation import silu_mul, silu_mul_backward
 from .gemm import ROW_SLACK, PackedWeight, grouped_gemm, padded
-from .simd import LANES
 from .lora import load, outer, project, row_blocks, store
 from .routing import combine_rows, gather_rows, pair_grads, route_pairs
+from .simd import LANES
 
 _EMPTY_F32 = np.zeros((0, 0), np.float32)
 _EMPTY_U16 = np.zeros((0, 0), np.uint16)

@@ -30,7 +30,8 @@ def signature(route, fmt):
     return (RouteType(route), array(types.uint32, 2), array(codes, 4), array(codes, 1), array(scales, 4),
             array(zeros, 4), types.int64, types.boolean, array(types.int64, 1), array(types.int64, 1),
             array(types.int64, 2), array(types.int64, 1), array(types.float32, 2),
-            types.UniTuple(array(types.float32, 3), 2), types.boolean, types.int64, types.float32, array(types.float32, 2), array(types.uint16, 2), array(types.uint32, 2))
+            types.UniTuple(array(types.float32, 3), 2), types.boolean, types.int64, types.float32,
+            array(types.float32, 2), array(types.uint16, 2), array(types.uint32, 2))
 
 
 counts = {}
