@@ -10,7 +10,7 @@ from numba import njit
 from nbmoe.kernels import isa
 from nbmoe.kernels.isa import vdequant_bf16
 from nbmoe.kernels.simd import (bf16_to_f32, f32_to_bf16, vdequant, vfma, vhsum, vload, vload_bf16, vload_u8,
-                                vpair_hi, vpair_lo, vsplat, vstore, vstore_bf16, vtranspose8, vtranspose16, vzero)
+                                vpair_hi, vpair_lo, vsplat, vsplat_at, vstore, vstore_bf16, vtranspose8, vtranspose16, vzero)
 
 
 @njit
@@ -154,3 +154,19 @@ def test_transpose16_turns_a_block_of_a_strided_view():
     assert np.array_equal(dst[1:17, 5:21], src[0, 1:17, 2:18].T)
     dst[1:17, 5:21] = np.nan
     assert np.all(np.isnan(dst))                                                  # nothing else written
+
+
+@njit
+def _splat_at(arr, i, out):
+    vstore(out, 0, vsplat_at(arr, i))
+
+
+def test_splat_at_broadcasts_one_element_of_the_flat_array():
+    arr = np.arange(24, dtype=np.float32).reshape(4, 6)
+    arr[2, 1] = np.nan
+    out = np.zeros(16, np.float32)
+    for i in (0, 7, 23):
+        _splat_at(arr, i, out)
+        assert np.array_equal(out, np.full(16, arr.flat[i]))
+    _splat_at(arr, 13, out)
+    assert np.all(np.isnan(out))

@@ -113,6 +113,21 @@ _VECTOR_OF = {types.float32: (f32x16, LLVM_F32X16), types.uint32: (u32x16, LLVM_
 
 
 @intrinsic
+def vsplat_at(typingctx, arr, i):
+    """Broadcast ``arr.flat[i]`` of a float32 C array to 16 lanes: one load with broadcast,
+    the index used as it is (Numba's ``arr[r, q]`` adds the wrap of negative indices,
+    a test and a move per load in an inner loop)."""
+    if not (_c_array(arr, types.float32) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        at = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.intp)])
+        return _splat(builder, LLVM_F32X16, builder.load(at, align=4))
+    return f32x16(arr, i), codegen
+
+
+@intrinsic
 def vsplat_pair(typingctx, x):
     """Broadcast one uint32 (a bf16 pair, a zero point) to all 16 lanes of a ``u32x16``."""
     if not isinstance(x, types.Integer):
