@@ -9,10 +9,11 @@ from nbmoe.kernels.lora import OUTER_COLS, load, outer, project, row_blocks, sto
 from helpers import BF16, assert_fp32_sums
 
 
+@pytest.mark.parametrize("R", [3, 16])                # 16: B turned 16 x 16 both ways, K % 16 rows alone
 @pytest.mark.parametrize("dtype", [np.float32, BF16])
-def test_load_and_store_mirror(dtype):
+def test_load_and_store_mirror(dtype, R):
     rng = np.random.default_rng(0)
-    E, R, K = 5, 3, 20
+    E, K = 5, 20
     active = np.array([4, 1, 0, 0, 0])
     a = rng.standard_normal((E, R, K)).astype(dtype)
     src = a.view(np.uint16) if dtype == BF16 else a
@@ -34,8 +35,10 @@ def test_load_and_store_mirror(dtype):
     assert np.array_equal(factors[:2, :, 32:32 + K], b[[4, 1]].astype(np.float32).transpose(0, 2, 1))
     assert np.all(factors[:2, :, 32 + K:] == 0) and np.all(np.isnan(factors[:2, :, :32]))
     out = np.ones((E, K, R), np.float32)
-    store(factors, active, 2, 0, 32, np.float32(1), True, out.transpose(0, 2, 1))
-    assert np.array_equal(out[[4, 1]], 1 + b[[4, 1]].astype(np.float32)) and np.all(out[[0, 2, 3]] == 1)
+    store(factors, active, 2, 0, 32, np.float32(2), True, out.transpose(0, 2, 1))
+    assert np.array_equal(out[[4, 1]], 1 + 2 * b[[4, 1]].astype(np.float32)) and np.all(out[[0, 2, 3]] == 1)
+    store(factors, active, 2, 0, 32, np.float32(2), False, out.transpose(0, 2, 1))
+    assert np.array_equal(out[[4, 1]], 2 * b[[4, 1]].astype(np.float32)) and np.all(out[[0, 2, 3]] == 1)
 
 
 @pytest.mark.parametrize("R", [16, 32])
@@ -58,7 +61,7 @@ def test_load_turns_contiguous_b_in_blocks(R):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 4), st.sampled_from([1, 2]), st.integers(1, 6), st.sampled_from([np.float32, BF16]),
+@given(st.integers(1, 4), st.sampled_from([1, 2]), st.integers(1, 10), st.sampled_from([np.float32, BF16]),
        st.integers(0, 2**31 - 1))
 def test_project_and_outer(S, groups, R, m_dtype, seed):
     rng = np.random.default_rng(seed)
@@ -90,13 +93,22 @@ def test_project_and_outer(S, groups, R, m_dtype, seed):
                 assert_fp32_sums(out[r, g * R:(g + 1) * R], f64 @ m64[r, cols], np.abs(f64) @ np.abs(m64[r, cols]),
                                  group)
 
+    # outer into one buffer indexed by slot; and into the ranks split over two arrays in
+    # another order of the experts (the A gradients in place), scaled and added to
     v = rng.standard_normal((P, groups * R)).astype(np.float32)
     acc = np.zeros((S, R, W), np.float32)
-    outer(v, m_arg, offsets, active, S, group, acc, 3)        # 3 runs: thread count plays no part
+    outer(v, m_arg, offsets, active, S, group, (acc, acc), active, np.float32(1), False, 3)   # 3 runs: any
+    before = rng.standard_normal((S, R, W)).astype(np.float32)
+    g_lo, g_hi = np.empty_like(f_lo), np.empty_like(f_hi)
+    g_lo[where], g_hi[where] = before[:, :split], before[:, split:]
+    outer(v, m_arg, offsets, active, S, group, (g_lo, g_hi), where, np.float32(0.5), True, 3)
+    added = np.concatenate([g_lo[where], g_hi[where]], axis=1)
     for s in range(S):
         rows = slice(offsets[s], offsets[s + 1])
         for g in range(groups):
             cols = slice(g * group, (g + 1) * group)
             vs = v[rows, g * R:(g + 1) * R].astype(np.float64)
-            assert_fp32_sums(acc[s, :, cols], vs.T @ m64[rows, cols], np.abs(vs).T @ np.abs(m64[rows, cols]),
-                             counts[s])
+            want, bound = vs.T @ m64[rows, cols], np.abs(vs).T @ np.abs(m64[rows, cols])
+            assert_fp32_sums(acc[s, :, cols], want, bound, counts[s])
+            assert_fp32_sums(added[s, :, cols], before[s, :, cols] + 0.5 * want,
+                             np.abs(before[s, :, cols]) + 0.5 * bound, counts[s] + 1)

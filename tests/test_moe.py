@@ -95,6 +95,24 @@ def test_moe_factors_read_in_place_or_loaded_alike(r):
             assert np.array_equal(getattr(grads, name), getattr(grads2, name))
 
 
+def test_moe_a_gradients_added_in_place_or_through_the_buffers_alike():
+    """C-order float32 A gradients of unpadded shapes are added to by the outer products
+    themselves (every test against the reference writes them so); others go through the
+    gradient buffers and ``store`` (Fortran order here): the same sums, bit for bit."""
+    problem = Problem(seed=9, E=5, k=2, H=64, I=32, r=16, T=12)
+    layer = problem.layer(max_tokens=12)
+    rng = np.random.default_rng(1)
+    start = {name: rng.standard_normal(getattr(problem.lora, name).shape).astype(np.float32) for name in LORA_FIELDS}
+    sums = []
+    for order in ("C", "F"):
+        layer.forward(problem.x, problem.topk_ids, problem.topk_weights, save_for_backward=True)
+        into = nbmoe.MoEGrads(None, None, **{name: np.array(v, order=order) for name, v in start.items()})
+        sums.append(layer.backward(problem.grad_y, accumulate_into=into))
+    for name in LORA_FIELDS:
+        assert np.array_equal(getattr(sums[0], name), getattr(sums[1], name))
+        assert not np.array_equal(getattr(sums[0], name), start[name])
+
+
 def test_moe_without_lora_returns_no_lora_grads():
     problem = Problem(seed=5, E=4, k=2, H=40, I=24, r=0, T=6)
     y, grads = problem.run(max_tokens=6)

@@ -23,7 +23,9 @@ scratch, stale from the last call). ``store`` is its mirror for the gradients.
 The forward reads no buffer where the caller's arrays allow (float32, C order,
 unpadded: ``kernels.moe``): ``project`` takes A as a tuple of arrays whose ranks stack
 (gate_a, up_a), indexed by expert instead of slot, and the GEMM epilogue turns B per
-item (``gemm._item_lora``). The backward loads: its projections need B^T whole.
+item (``gemm._item_lora``). The backward loads: its projections need B^T whole. Its
+``outer`` writes the A gradients into the caller's arrays alike (scaled, added to), and
+only the B gradients go through the buffers and ``store``.
 
 Both products are register-blocked like the GEMM: ``project`` keeps 4 rows x 4 ranks of
 16-lane partial sums over k (summed across lanes at the end), ``outer`` keeps 8 ranks x
@@ -40,7 +42,8 @@ from numba import njit, prange
 
 from ..config import JIT, JIT_PARALLEL
 from .schedule import balanced
-from .simd import LANES, as_f32, prefetch, prefetch_l2, vfma2, vhsum, vload, vload_f32, vsplat, vsplat_at, vstore, vtranspose16, vzero
+from .simd import (LANES, as_f32, prefetch, prefetch_l2, vfma, vfma2, vhsum, vload, vload_f32, vsplat, vsplat_at,
+                   vstore, vtranspose16, vzero)
 
 MR = 4              # rows per ``project`` tile, ranks per ``outer`` tile
 PROJECT_RANKS = 4   # ranks per ``project`` tile: each row of M is loaded (and widened
@@ -108,9 +111,8 @@ def load(src, active, n_active, dst, row0, col0, width):
 
 
 @njit(**JIT_PARALLEL)
-def store(acc, active, n_active, row0, col0, scale, accumulate, out):
-    """out[active[s], q, k] = scale * acc[s, row0 + q, col0 + k] (or ``+=``): the mirror
-    of ``load``; out [E, R, K] float32, any strides."""
+def _store_rows(acc, active, n_active, row0, col0, scale, accumulate, out):
+    """``store`` element by element, any strides."""
     _, R, K = out.shape
     for s in prange(n_active):
         e = active[s]
@@ -118,6 +120,44 @@ def store(acc, active, n_active, row0, col0, scale, accumulate, out):
             row, grad = acc[s, row0 + q, col0:col0 + K], out[e, q]
             for k in range(K):
                 grad[k] = grad[k] + scale * row[k] if accumulate else scale * row[k]
+
+
+@njit(**JIT_PARALLEL)
+def _store_turned(acc, active, n_active, row0, col0, scale, accumulate, b):
+    """``store`` into b [E, K, R] float32, C order, R a multiple of 16 (a B gradient): 16 x
+    16 blocks of the buffer turned in registers (``vtranspose16``) into a block of this
+    slot's own, then scaled into b's rows of 16 ranks; the last K % 16 rows one at a
+    time. Zen 4, 2 threads, T=1024 step of the Qwen3-30B-A3B layer: the three B gradients
+    6.6-6.7 -> 2.0-2.2 ms with the A gradients written by ``outer`` (element by element, a
+    strided store each)."""
+    _, K, R = b.shape
+    src, dst = acc.reshape(-1), b.reshape(-1)
+    rows, ld = acc.shape[1], acc.shape[2]
+    whole = K - K % LANES
+    for s in prange(n_active):
+        block = np.empty(LANES * LANES, np.float32)        # this slot's own
+        e = active[s]
+        for q0 in range(0, R, LANES):
+            for k0 in range(0, whole, LANES):
+                vtranspose16(src, (s * rows + row0 + q0) * ld + col0 + k0, ld, block, 0, LANES)
+                for k in range(LANES):
+                    _store_scaled(dst, (e * K + k0 + k) * R + q0, vload(block, k * LANES), scale, accumulate)
+            for k in range(whole, K):
+                for q in range(q0, q0 + LANES):
+                    grad = acc[s, row0 + q, col0 + k]
+                    b[e, k, q] = b[e, k, q] + scale * grad if accumulate else scale * grad
+
+
+def store(acc, active, n_active, row0, col0, scale, accumulate, out):
+    """out[active[s], q, k] = scale * acc[s, row0 + q, col0 + k] (or ``+=``): the mirror
+    of ``load``; out [E, R, K] float32, any strides (a transposed view of B [E, K, R]
+    stores B^T's gradient into B's, turned 16 x 16 in registers where B is C order, R a
+    multiple of 16)."""
+    b = out.transpose(0, 2, 1)
+    if b.flags.c_contiguous and out.shape[1] % LANES == 0:
+        _store_turned(acc, active, n_active, row0, col0, scale, accumulate, b)
+    else:
+        _store_rows(acc, active, n_active, row0, col0, scale, accumulate, out)
 
 
 @njit(**JIT)
@@ -232,15 +272,20 @@ def _store_sums(out, row, col, n, c0, c1, c2, c3):
 
 
 @njit(**JIT_PARALLEL)
-def outer(v, m, offsets, active, n_active, group, acc, runs):
-    """acc[s, q, n] = sum over rows r of expert active[s] of v[r, (n // group)*R + q] * M[r, n].
+def outer(v, m, offsets, active, n_active, group, outs, index, scale, accumulate, runs):
+    """out[index[e], q, n] = scale * sum over rows r of expert e of v[r, (n // group)*R + q]
+    * M[r, n] for each active expert e = active[s] (with ``accumulate``: added to), where
+    ``out`` is the ranks of ``outs`` stacked in order.
 
-    v [>=P, G*R] float32, C order; m [>=P, >=W] float32 or uint16 (bf16 bits); acc [S, R, W]
-    float32; W a multiple of OUTER_COLS and of group, group of OUTER_COLS; runs: how many
-    balanced runs to cut the work into (the thread count).
+    v [>=P, G*R] float32, C order (G = W / group); m [>=P, >=W] float32 or uint16 (bf16
+    bits); outs: two float32 C arrays [*, R_j, W] whose first ranks stack to R (a
+    ``load``-style buffer twice, indexed by slot; or the caller's gradients, gate_a and
+    up_a, or down_a twice, indexed by expert); index [E] int64; W a multiple of
+    OUTER_COLS and of group, group of OUTER_COLS; runs: how many balanced runs to cut the
+    work into (the thread count).
     """
-    R = acc.shape[1]
-    W = acc.shape[2]
+    W = outs[0].shape[2]
+    R = v.shape[1] * group // W
     blocks = W // OUTER_COLS
     rank_blocks = (R + OUTER_RANKS - 1) // OUTER_RANKS
     per_slot = blocks * rank_blocks
@@ -250,6 +295,7 @@ def outer(v, m, offsets, active, n_active, group, acc, runs):
         cost[i] = offsets[e + 1] - offsets[e]
     bounds = balanced(cost, runs)
     for run in prange(bounds.shape[0] - 1):
+        sums = np.empty(OUTER_RANKS * OUTER_COLS, np.float32)      # this run's item sums
         for i in range(bounds[run], bounds[run + 1]):
             s = i // per_slot
             # fp32 M streams from DRAM down 128-byte strips of long rows: while this slot
@@ -259,7 +305,7 @@ def outer(v, m, offsets, active, n_active, group, acc, runs):
             # rank block) lost 0.4 ms with it, so it has none.
             if m.itemsize == 4 and (s + 1) * per_slot < bounds[run + 1]:
                 _prefetch_share(m, offsets, active[s + 1], W, i - s * per_slot, per_slot)
-            _outer_item(v, m, offsets, active, group, acc, i, blocks, rank_blocks)
+            _outer_item(v, m, offsets, active, group, outs, index, scale, accumulate, i, R, blocks, rank_blocks, sums)
 
 
 @njit(inline="always", **JIT)
@@ -283,11 +329,10 @@ def _prefetch_share(m, offsets, e, W, k, parts):
 
 
 @njit(inline="always", **JIT)
-def _outer_item(v, m, offsets, active, group, acc, i, blocks, rank_blocks):
+def _outer_item(v, m, offsets, active, group, outs, index, scale, accumulate, i, R, blocks, rank_blocks, sums):
     """Item ``i`` of ``outer``: slot ``s``, columns ``n0 .. n0 + 31``, ranks ``q0 .. q0 + 7``
     (past the last rank: the last again, not stored)."""
-    R = acc.shape[1]
-    W = acc.shape[2]
+    W = outs[0].shape[2]
     ld = m.shape[1]
     s = i // (blocks * rank_blocks)
     n0 = (i // rank_blocks) % blocks * OUTER_COLS
@@ -296,6 +341,12 @@ def _outer_item(v, m, offsets, active, group, acc, i, blocks, rank_blocks):
     last = q_last - q0                              # ranks past it repeat it, unstored
     d1, d2, d3, d4, d5, d6 = min(1, last), min(2, last), min(3, last), min(4, last), min(5, last), min(6, last)
     e = active[s]
+    pos = index[e]
+    if accumulate:                                  # the sums' lines, read at the end: in flight now
+        for q in range(q0, q_last + 1):
+            out, at = _rank_row(outs, pos, q)
+            prefetch(out, at + n0)
+            prefetch(out, at + n0 + LANES)
     ldv = v.shape[1]
     vr = offsets[e] * ldv + (n0 // group) * R + q0  # v[r, that rank block]: flat, walked by row
     c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
@@ -320,9 +371,20 @@ def _outer_item(v, m, offsets, active, group, acc, i, blocks, rank_blocks):
         c60, c61 = vfma2(vsplat_at(v, vr + d6), a0, a1, c60, c61)
         c70, c71 = vfma2(vsplat_at(v, vr + last), a0, a1, c70, c71)
         vr += ldv
-    at = (s * R + q0) * W + n0
     for q, (c0, c1) in enumerate(((c00, c01), (c10, c11), (c20, c21), (c30, c31),
                                   (c40, c41), (c50, c51), (c60, c61), (c70, c71))):
-        if q0 + q <= q_last:
-            vstore(acc, at + q * W, c0)
-            vstore(acc, at + q * W + LANES, c1)
+        vstore(sums, q * OUTER_COLS, c0)
+        vstore(sums, q * OUTER_COLS + LANES, c1)
+    for q in range(q0, q_last + 1):                 # scaled, added: apart from the loop's registers
+        out, at = _rank_row(outs, pos, q)
+        for half in range(0, OUTER_COLS, LANES):
+            _store_scaled(out, at + n0 + half, vload(sums, (q - q0) * OUTER_COLS + half), scale, accumulate)
+
+
+@njit(inline="always", **JIT)
+def _store_scaled(out, at, c, scale, accumulate):
+    """out.flat[at:at + 16] = scale * c, or += (one FMA, as ``store`` rounds it)."""
+    if accumulate:
+        vstore(out, at, vfma(vsplat(scale), c, vload(out, at)))
+    else:
+        vstore(out, at, vsplat(scale) * c)
