@@ -26,7 +26,7 @@ import threading
 import numpy as np
 
 from .kernels.gemm import padded
-from .scratch import new_array
+from .scratch import ALIGN, new_array, zeros
 
 
 class CacheOverflowError(RuntimeError):
@@ -73,7 +73,7 @@ class SavedPool:
     smallest free buffer that fits; a buffer too small for every request is replaced, so
     the pool holds at most as many buffers as forwards were ever saved at once)."""
 
-    ALIGN = 64
+    ALIGN = ALIGN
 
     def __init__(self):
         self._free = []
@@ -87,7 +87,7 @@ class SavedPool:
                 return self._free.pop(min(fits, key=sizes.__getitem__))
             if self._free:                                  # none fits: replace the largest
                 self._free.pop(max(range(len(sizes)), key=sizes.__getitem__))
-        return np.zeros(max(nbytes, 1), np.uint8)
+        return zeros((max(nbytes, 1),), np.uint8)
 
     def give(self, buf):
         with self._lock:

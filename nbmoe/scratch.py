@@ -5,7 +5,8 @@ cache a forward without ``save_for_backward`` fills - lives in one process-wide 
 named flat buffers. Each buffer grows to the largest call any layer has made and is
 reused by every later call, whatever the layer's shape: a model of 48 layers holds one
 call's scratch, not 48. Calls take turns through ``lock`` (two threads running layers at
-once run one after the other). Saved forwards never live here.
+once run one after the other). Saved forwards never live here. Every buffer starts on a
+cache line (``zeros``).
 """
 
 import math
@@ -14,9 +15,22 @@ import threading
 import numpy as np
 
 
+ALIGN = 64   # bytes: a cache line, and what a 16-lane fp32 store past the caches needs
+
+
+def zeros(shape, dtype):
+    """A zeroed C array whose data starts on an ``ALIGN``-byte boundary (NumPy's own
+    arrays start on 16: the GEMMs store large outputs past the caches only when aligned)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.zeros(nbytes + ALIGN, np.uint8)
+    at = -raw.ctypes.data % ALIGN
+    return raw[at:at + nbytes].view(dtype).reshape(shape)
+
+
 def new_array(name, shape, dtype):
     """The allocator of arrays that are their own memory: a new zeroed array (``name`` unused)."""
-    return np.zeros(shape, dtype)
+    return zeros(shape, dtype)
 
 
 class Scratch:
@@ -33,7 +47,7 @@ class Scratch:
         size = math.prod(shape)
         buf = self._buffers.get(name)
         if buf is None or buf.dtype != dtype or buf.size < size:
-            buf = self._buffers[name] = np.zeros(size, dtype)
+            buf = self._buffers[name] = zeros((size,), dtype)
         return buf[:size].reshape(shape)
 
     def allocator(self, prefix):

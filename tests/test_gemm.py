@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nbmoe
-from nbmoe.kernels import isa
+from nbmoe.kernels import gemm, isa
 from nbmoe.kernels.gemm import ROW_SLACK, TILE_N, PackedMatrix, PackedWeight, grouped_gemm, padded
 from nbmoe.reference import round_bf16
+from nbmoe.scratch import zeros as aligned_zeros
 from conftest import RUNNABLE
 from helpers import BF16, assert_fp32_sums, rel
 
@@ -146,6 +147,29 @@ def test_epilogue_turns_caller_b_as_load_does(route, R, groups):
                      np.float32(0.5), out32, np.zeros((0, 0), np.uint16))
         outs.append(out32)
     assert not np.any(np.isnan(outs[0])) and np.array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("route", RUNNABLE)
+def test_outputs_stored_past_the_caches_hold_the_same_bits(route, monkeypatch):
+    """Outputs over ``STREAM_BYTES`` (forced to 0 here) go out through non-temporal
+    stores where aligned: the same fp32 and bf16 bits; unaligned ones are stored as ever."""
+    rng = np.random.default_rng(3)
+    E, N, K, R = 4, 64, 96, 16
+    offsets, P, active, slot_of_expert, _, packed, a = _problem(rng, np.array([2, 17, 0, 9]), 1, N, K)
+    lora_l = rng.standard_normal((P, R)).astype(np.float32)
+    lora_r = rng.standard_normal((E, R, N + 16)).astype(np.float32)
+    outs = []
+    for stream_bytes, shift in ((1 << 40, 0), (0, 0), (0, 1)):
+        monkeypatch.setattr(gemm, "STREAM_BYTES", stream_bytes)
+        out32 = aligned_zeros((P * N + 1,), np.float32)[shift:shift + P * N].reshape(P, N)   # shift: unaligned
+        out16 = aligned_zeros((P, N), np.uint16)
+        assert gemm._streams(out32, P) == (stream_bytes == 0 and shift == 0)
+        assert gemm._streams(out16, P) == (stream_bytes == 0)
+        grouped_gemm(isa.Route(route, ""), a.view(np.uint32), packed, offsets, slot_of_expert, lora_l, lora_r, N,
+                     np.float32(0.5), out32, out16)
+        outs.append((out32.copy(), out16.copy()))
+    for out32, out16 in outs[1:]:
+        assert np.array_equal(out32, outs[0][0]) and np.array_equal(out16, outs[0][1])
 
 
 @given(st.integers(1, 1 << 20))

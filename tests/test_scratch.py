@@ -78,3 +78,15 @@ def test_calls_from_several_threads_take_turns():
         t.join()
     for (y, g), (y0, g0) in zip(results, alone):
         assert np.array_equal(y.view(np.uint16), y0.view(np.uint16)) and _same(g, g0)
+
+
+def test_buffers_start_on_a_cache_line():
+    """Scratch, new arrays and saved-forward buffers start on ``ALIGN`` bytes: what a
+    GEMM needs to store its large outputs past the caches (``gemm._streams``)."""
+    pool = scratch.Scratch()
+    arrays = [pool.array(f"a{n}", (n, 3), dtype) for n, dtype in ((5, np.uint16), (7, np.float32), (1, np.uint8))]
+    arrays += [scratch.new_array("x", (3, 5), np.float32), scratch.zeros((0,), np.float32)]
+    cache = ForwardCache(4, 64, 32, 8, 5, 2, alloc=nbmoe.cache.SavedPool.carve(nbmoe.cache.SavedPool().take(1 << 16)))
+    arrays += cache.arrays()
+    assert all(a.ctypes.data % scratch.ALIGN == 0 for a in arrays if a.size)
+    assert all(not np.any(a) for a in arrays[:5])

@@ -9,8 +9,9 @@ from numba import njit
 
 from nbmoe.kernels import isa
 from nbmoe.kernels.isa import vdequant_bf16
+from nbmoe.scratch import zeros as aligned_zeros
 from nbmoe.kernels.simd import (bf16_to_f32, f32_to_bf16, vdequant, vfma, vhsum, vload, vload_bf16, vload_u8,
-                                vpair_hi, vpair_lo, vsplat, vsplat_at, vstore, vstore_bf16, vtranspose8, vtranspose16, vzero)
+                                vpair_hi, vpair_lo, vsplat, vsplat_at, vstore, vstore_bf16, vstream, vtranspose8, vtranspose16, vzero)
 
 
 @njit
@@ -170,3 +171,21 @@ def test_splat_at_broadcasts_one_element_of_the_flat_array():
         assert np.array_equal(out, np.full(16, arr.flat[i]))
     _splat_at(arr, 13, out)
     assert np.all(np.isnan(out))
+
+
+@njit
+def _store_both(x, plain32, plain16, streamed32, streamed16):
+    for i in range(0, x.size, 16):
+        vstore(plain32, i, vload(x, i))
+        vstore_bf16(plain16, i, vload(x, i))
+        vstream(streamed32, i, vload(x, i))
+        vstream(streamed16, i, vload(x, i))
+
+
+def test_stream_stores_what_vstore_and_vstore_bf16_store():
+    x = np.concatenate([_specials(), np.random.default_rng(0).standard_normal(32).astype(np.float32)])
+    outs = [aligned_zeros(x.shape, dtype) for dtype in (np.float32, np.uint16, np.float32, np.uint16)]
+    _store_both(x, *outs)
+    assert np.array_equal(outs[0], x, equal_nan=True)
+    assert np.array_equal(outs[2].view(np.uint32), outs[0].view(np.uint32))
+    assert np.array_equal(outs[3], outs[1]) and np.array_equal(outs[1], x.astype(ml_dtypes.bfloat16).view(np.uint16))

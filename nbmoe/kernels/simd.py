@@ -243,14 +243,36 @@ def vstore_bf16(typingctx, arr, i, v):
         return None
 
     def codegen(context, builder, sig, args):
-        value = args[2]
-        rounded = _round_to_bf16_bits(builder, value)
-        is_nan = builder.fcmp_unordered("uno", value, value)
-        high = builder.lshr(builder.bitcast(value, LLVM_I32X16), _const_i32x16(16))
-        quiet = builder.or_(high, _const_i32x16(0x40))
-        out = builder.trunc(builder.select(is_nan, quiet, rounded), _I16X16)
         ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _I16X16)
-        builder.store(out, ptr, align=2)
+        builder.store(_bf16_bits(builder, args[2]), ptr, align=2)
+        return context.get_dummy_value()
+    return types.none(arr, i, v), codegen
+
+
+def _bf16_bits(builder, value):
+    """16 float32 lanes rounded to bf16 bits (nearest-even, NaN kept quiet), as i16 x 16."""
+    rounded = _round_to_bf16_bits(builder, value)
+    is_nan = builder.fcmp_unordered("uno", value, value)
+    high = builder.lshr(builder.bitcast(value, LLVM_I32X16), _const_i32x16(16))
+    quiet = builder.or_(high, _const_i32x16(0x40))
+    return builder.trunc(builder.select(is_nan, quiet, rounded), _I16X16)
+
+
+@intrinsic
+def vstream(typingctx, arr, i, v):
+    """``vstore`` (float32 ``arr``) or ``vstore_bf16`` (uint16) past the caches: a
+    non-temporal store, which does not read the lines first. The address must be aligned
+    to the bytes stored (64 float32, 32 bf16)."""
+    if not (isinstance(arr, types.Array) and arr.layout == "C" and arr.dtype in (types.float32, types.uint16)
+            and isinstance(i, types.Integer) and v == f32x16):
+        return None
+    bf16 = arr.dtype == types.uint16
+
+    def codegen(context, builder, sig, args):
+        value, vec_ty, align = (_bf16_bits(builder, args[2]), _I16X16, 32) if bf16 else (args[2], LLVM_F32X16, 64)
+        ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], vec_ty)
+        store = builder.store(value, ptr, align=align)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
         return context.get_dummy_value()
     return types.none(arr, i, v), codegen
 
