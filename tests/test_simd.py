@@ -11,7 +11,8 @@ from nbmoe.kernels import isa
 from nbmoe.kernels.isa import vdequant_bf16
 from nbmoe.scratch import zeros as aligned_zeros
 from nbmoe.kernels.simd import (bf16_to_f32, f32_to_bf16, vdequant, vfma, vhsum, vload, vload_bf16, vload_u8,
-                                vpair_hi, vpair_lo, vsplat, vsplat_at, vstore, vstore_bf16, vstream, vtranspose8, vtranspose16, vzero)
+                                vpair_hi, vpair_lo, vsplat, vsplat_at, vput, vstore, vstore_bf16, vtranspose8,
+                                vtranspose16, vzero)
 
 
 @njit
@@ -178,11 +179,11 @@ def _store_both(x, plain32, plain16, streamed32, streamed16):
     for i in range(0, x.size, 16):
         vstore(plain32, i, vload(x, i))
         vstore_bf16(plain16, i, vload(x, i))
-        vstream(streamed32, i, vload(x, i))
-        vstream(streamed16, i, vload(x, i))
+        vput(streamed32, i, vload(x, i), True)
+        vput(streamed16, i, vload(x, i), True)
 
 
-def test_stream_stores_what_vstore_and_vstore_bf16_store():
+def test_put_past_the_caches_stores_what_vstore_and_vstore_bf16_store():
     x = np.concatenate([_specials(), np.random.default_rng(0).standard_normal(32).astype(np.float32)])
     outs = [aligned_zeros(x.shape, dtype) for dtype in (np.float32, np.uint16, np.float32, np.uint16)]
     _store_both(x, *outs)

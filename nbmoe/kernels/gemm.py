@@ -84,7 +84,7 @@ from ..config import JIT, JIT_PARALLEL
 from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdequant_bf16, vdpbf16
 from .schedule import balanced
 from .simd import (LANES, f32_from_bits, prefetch, prefetch_l2, vdequant, vfma2, vload, vload_bf16, vload_u8,
-                   vpair_hi, vpair_lo, vsplat, vsplat_pair, vstore, vstore_bf16, vstream, vtranspose8, vtranspose16, vzero)
+                   vpair_hi, vpair_lo, vput, vsplat, vsplat_pair, vstore, vtranspose8, vtranspose16, vzero)
 
 PAD = 32          # N and K padding: two vectors of output, one AMX tile of K
 TILE_N = 32       # output columns per work item (two 16-lane vectors, two AMX tiles)
@@ -119,24 +119,16 @@ def padded(n):
 def _store_row(m, n0, c0, c1, out):
     """Store one output row's 32 columns as fp32 and/or bf16; ``out`` = (out32, out16,
     stream32, stream16): an output with its flag set is stored past the caches
-    (``vstream``, ``grouped_gemm`` says when)."""
+    (``vput``; ``grouped_gemm`` says when)."""
     out32, out16, stream32, stream16 = out
     if out32.size:
         at = m * out32.shape[1] + n0
-        if stream32:
-            vstream(out32, at, c0)
-            vstream(out32, at + LANES, c1)
-        else:
-            vstore(out32, at, c0)
-            vstore(out32, at + LANES, c1)
+        vput(out32, at, c0, stream32)
+        vput(out32, at + LANES, c1, stream32)
     if out16.size:
         at = m * out16.shape[1] + n0
-        if stream16:
-            vstream(out16, at, c0)
-            vstream(out16, at + LANES, c1)
-        else:
-            vstore_bf16(out16, at, c0)
-            vstore_bf16(out16, at + LANES, c1)
+        vput(out16, at, c0, stream16)
+        vput(out16, at + LANES, c1, stream16)
 
 
 @njit(inline="always", **JIT)
@@ -620,7 +612,7 @@ def _cache_bytes():
 
 
 # An output larger than the last-level cache cannot stay there for the pass that reads it
-# next, so it is stored past the caches (``vstream``: no read of each line before it is
+# next, so it is stored past the caches (``vput``: no read of each line before it is
 # written). Zen 4, 2 threads, Qwen3-30B-A3B layer at T=1024 (32 MiB L3): forward down
 # 72.5 -> 69.0 ms, backward gate_up 147.6 -> 142.5, backward down 71.2 -> 69.0.
 STREAM_BYTES = _cache_bytes()

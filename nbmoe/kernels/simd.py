@@ -259,22 +259,26 @@ def _bf16_bits(builder, value):
 
 
 @intrinsic
-def vstream(typingctx, arr, i, v):
-    """``vstore`` (float32 ``arr``) or ``vstore_bf16`` (uint16) past the caches: a
-    non-temporal store, which does not read the lines first. The address must be aligned
-    to the bytes stored (64 float32, 32 bf16)."""
+def vput(typingctx, arr, i, v, stream):
+    """Store 16 float32 lanes to ``arr.flat[i:i+16]`` (float32 ``arr``; uint16: rounded to
+    bf16 as ``vstore_bf16``); with ``stream``, past the caches: a non-temporal store, which
+    does not read the lines first, the address then aligned to the bytes stored (64, 32)."""
     if not (isinstance(arr, types.Array) and arr.layout == "C" and arr.dtype in (types.float32, types.uint16)
-            and isinstance(i, types.Integer) and v == f32x16):
+            and isinstance(i, types.Integer) and v == f32x16 and isinstance(stream, types.Boolean)):
         return None
     bf16 = arr.dtype == types.uint16
 
     def codegen(context, builder, sig, args):
-        value, vec_ty, align = (_bf16_bits(builder, args[2]), _I16X16, 32) if bf16 else (args[2], LLVM_F32X16, 64)
+        value, vec_ty, size = (_bf16_bits(builder, args[2]), _I16X16, 32) if bf16 else (args[2], LLVM_F32X16, 64)
         ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], vec_ty)
-        store = builder.store(value, ptr, align=align)
-        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
+        with builder.if_else(args[3]) as (past, plain):
+            with past:
+                store = builder.store(value, ptr, align=size)
+                store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
+            with plain:
+                builder.store(value, ptr, align=size // LANES)
         return context.get_dummy_value()
-    return types.none(arr, i, v), codegen
+    return types.none(arr, i, v, stream), codegen
 
 
 @intrinsic
