@@ -45,7 +45,7 @@ from .schedule import balanced
 from .simd import (LANES, as_f32, prefetch, prefetch_l2, vfma, vfma2, vhsum, vload, vload_f32, vsplat, vsplat_at,
                    vstore, vtranspose16, vzero)
 
-MR = 4              # rows per ``project`` tile, ranks per ``outer`` tile
+MR = 4              # rows per ``project`` tile (a ``row_blocks`` item)
 PROJECT_RANKS = 4   # ranks per ``project`` tile: each row of M is loaded (and widened
                     # from bf16) once per 4 ranks. Zen 4, 2 threads, T=1024 step of the
                     # Qwen3-30B-A3B layer: the four projections 20.6 -> 17.0 ms (2 ranks)
@@ -342,7 +342,9 @@ def _outer_item(v, m, offsets, active, group, outs, index, scale, accumulate, i,
     d1, d2, d3, d4, d5, d6 = min(1, last), min(2, last), min(3, last), min(4, last), min(5, last), min(6, last)
     e = active[s]
     pos = index[e]
-    if accumulate:                                  # the sums' lines, read at the end: in flight now
+    # the lines the sums are added to, read at the end: in flight from now. Zen 4, 2
+    # threads, T=1024 step accumulating: the four outer products 20.7-21.0 -> 19.5-20.5 ms
+    if accumulate:
         for q in range(q0, q_last + 1):
             out, at = _rank_row(outs, pos, q)
             prefetch(out, at + n0)

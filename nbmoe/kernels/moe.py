@@ -223,15 +223,16 @@ def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y, add=Fa
     _combine(cache.rows[:T], cache.topk_weights[:T], ws.d32, y, add)
 
 
-def _a_grads(names, buffer, grads, cache, Ip, Hp, scale, accumulate):
-    """``outer``'s (outs, index, scale, accumulate) for the gradients of A arrays ``names``,
-    and the names it writes in place: the caller's gradient arrays themselves where
-    ``_in_place`` (scaled, added to with ``accumulate``), else ``buffer`` (indexed by slot,
-    for ``store``). In place skips a buffer written, read back and written again: at
-    T=1024 on the Qwen3-30B-A3B layer the A gradients of the active experts are 40 MB
-    (Zen 4, 2 threads: their stores 2.0-2.5 ms, ``outer`` +0.5 ms)."""
+def _grad_outs(names, buffer, grads, cache, Ip, Hp, scale, accumulate):
+    """``outer``'s (outs, index, scale, accumulate) for the gradients of LoRA arrays
+    ``names``, and the names it writes in place: for A arrays, the caller's gradient arrays
+    themselves where ``_in_place`` (scaled, added to with ``accumulate``); else ``buffer``
+    (indexed by slot, for ``store``; B gradients come out of ``outer`` as B^T). In place
+    skips a buffer written, read back and written again: at T=1024 on the Qwen3-30B-A3B
+    layer the A gradients of the active experts are 40 MB (Zen 4, 2 threads: their stores
+    2.0-2.5 ms, ``outer`` +0.5 ms)."""
     arrays = tuple(getattr(grads, name) for name in names)
-    if all(_in_place(name, arr, Ip, Hp) for name, arr in zip(names, arrays)):
+    if all(name.endswith("_a") and _in_place(name, arr, Ip, Hp) for name, arr in zip(names, arrays)):
         experts = np.arange(cache.slot_of_expert.shape[0], dtype=np.int64)
         return ((arrays * 2)[:2], experts, scale, accumulate), names
     return ((buffer,) * 2, cache.slot_of_expert, np.float32(1), False), ()
@@ -274,14 +275,15 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate, add_inpu
     k = rows.shape[1]
     gather_rows(cache.x[:T], cache.order, k, P, ws.xs)
     runs = numba.get_num_threads()
-    da_gu, skip = _a_grads(("gate_a", "up_a"), ws.da_gu, grads, cache, Ip, Hp, scale, accumulate)
-    da_d, skip_d = _a_grads(("down_a",), ws.da_d, grads, cache, Ip, Hp, scale, accumulate)
-    buffer = (cache.slot_of_expert, np.float32(1), False)
-    outer(ws.gb_gu, ws.xs, cache.offsets, cache.active, S, Hp, *da_gu, runs)
-    outer(cache.xa_gu, ws.dgu, cache.offsets, cache.active, S, Ip, (ws.dbt_gu,) * 2, *buffer, runs)
     silu_mul(cache.gu, P, ws.h)                 # h again: one SiLU pass, not a saved tensor
-    outer(ws.gb_d, ws.h, cache.offsets, cache.active, S, Ip, *da_d, runs)
-    outer(cache.xa_d, ws.G, cache.offsets, cache.active, S, Hp, (ws.dbt_d,) * 2, *buffer, runs)
+    written = ()
+    for names, v, m, group, buffer in ((("gate_a", "up_a"), ws.gb_gu, ws.xs, Hp, ws.da_gu),
+                                       (("gate_b", "up_b"), cache.xa_gu, ws.dgu, Ip, ws.dbt_gu),
+                                       (("down_a",), ws.gb_d, ws.h, Ip, ws.da_d),
+                                       (("down_b",), cache.xa_d, ws.G, Hp, ws.dbt_d)):
+        outs, in_place = _grad_outs(names, buffer, grads, cache, Ip, Hp, scale, accumulate)
+        outer(v, m, cache.offsets, cache.active, S, group, *outs, runs)
+        written += in_place
     for name, _, acc, row0, col0, _ in _lora_parts(lora, ws, Ip, Hp):
-        if name not in skip + skip_d:
+        if name not in written:
             store(acc, cache.active, S, row0, col0, scale, accumulate, _a_layout(name, getattr(grads, name)))
