@@ -39,8 +39,9 @@ activation pad columns must be zero too (0 * NaN would poison a sum).
 
 Panels. The forward product needs pairs along K - the stored order: bf16 is read in
 place, a quantized item first decodes its 32 columns over all of K (``vdequant``, 16
-lanes a step) into the thread's scratch - or, for an expert with a single row, decodes
-each pair vector in registers as the row uses it (``_row_decoding``). The backward
+lanes a step) into the thread's scratch - or, for an expert with a few rows (up to
+``decoding_rows``: 4 where ``vdpbf16ps`` runs), decodes each pair vector in registers once
+for all its rows (``_rows_decoding``). The backward
 product (by ``W^T``, output columns along K) needs pairs along N: each item decodes its
 32 columns of ``W^T`` from the same codes, 16 x 16 blocks through ``vtranspose8``. Both
 directions therefore multiply by the same bf16 values, bit for bit, and nothing but the
@@ -191,6 +192,29 @@ def block_rows(route):
 @overload(block_rows, jit_options=JIT)
 def _block_rows(route):
     rows = {"generic": MR, "avx512": MR, "avx512_bf16": MR_BF16, "amx": MR_AMX}[route.route]
+    return lambda route: rows
+
+
+# Forward: experts with at most this many rows decode each pair vector in registers once
+# for all their rows (``_rows_decoding``), no panel. Zen 4, 2 threads, 64 experts x R rows,
+# W [1536, 2048], forward, old and new alternated (one register row before, else the
+# panel): avx512_bf16 R = 2 int4_k2 14.6-16.2 -> 8.7-10.1 ms, int8 16.9 -> 8.4-9.4, bf16
+# 11.7-16.0 -> 10.5-12.8; R = 3 int4_k2 16.3-17.2 -> 10.3-11.3; R = 4 int4_k2 16.7-17.8
+# -> 11.7-12.7, bf16 12.0-14.9 -> 14.3-14.6. Two passes of four rows for R = 5..8 (each
+# decoding again) gained nothing over the panel. The fp32 FMA routes are bound by their
+# widening FMAs, not the decode: R = 2 the same, R = 4 int4_k2 23.2-23.8 -> 25.8-26.2; one.
+DECODING_ROWS = 4
+DECODING_ROWS_FMA = 1
+
+
+def decoding_rows(route):
+    """Rows up to which an expert's forward decodes in registers on ``route`` (at most the
+    four ``_rows_decoding`` holds)."""
+
+
+@overload(decoding_rows, jit_options=JIT)
+def _decoding_rows(route):
+    rows = DECODING_ROWS_FMA if route.route in ("generic", "avx512") else DECODING_ROWS
     return lambda route: rows
 
 
@@ -497,23 +521,40 @@ def _pairs8_format(route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp
 
 
 @njit(inline="always", **JIT)
-def _row_decoding(route, a, r, codes, flat, scales, zeros, group_pairs, e, nb0):
-    """Row ``r`` of ``a`` times blocks ``nb0, nb0 + 1`` of expert ``e``, decoding each pair
-    vector in registers as it is used: no panel stored and read back (an expert with a
-    single row uses each weight once)."""
+def _rows_decoding(route, a, m, last, codes, flat, scales, zeros, group_pairs, e, nb0, n0, lora, out):
+    """Rows ``m .. min(m + 3, last)`` of ``a`` times blocks ``nb0, nb0 + 1`` of expert ``e``,
+    through the epilogue, decoding each pair vector in registers once for all of them: no
+    panel stored and read back (bf16: read in place once, not once per row). The row
+    count ``n`` is loop-invariant: LLVM unswitches the loop into one per count, so one
+    row keeps two accumulators and does no work for absent rows."""
     NB, KP2 = codes.shape[1], codes.shape[2]
     G = scales.shape[2]
     at0 = (e * NB + nb0) * KP2 * LANES
     at1 = at0 + KP2 * LANES
-    c0, c1 = vzero(), vzero()
-    for g in range(G):                                  # K is whole groups: G * group_pairs == KP2
+    n = min(last - m + 1, 4)
+    r1, r2, r3 = min(m + 1, last), min(m + 2, last), min(m + 3, last)
+    c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
+    c20, c21, c30, c31 = vzero(), vzero(), vzero(), vzero()
+    for g in range(G):
         z0, s0 = _group_scales(codes, scales, zeros, ((e * NB + nb0) * G + g) * LANES)
         z1, s1 = _group_scales(codes, scales, zeros, ((e * NB + nb0 + 1) * G + g) * LANES)
         for p in range(g * group_pairs, (g + 1) * group_pairs):
             b0 = _decode(route, flat, at0 + p * LANES, z0, s0)
             b1 = _decode(route, flat, at1 + p * LANES, z1, s1)
-            c0, c1 = _pair_step(route, a[r, p], b0, b1, c0, c1)
-    return c0, c1
+            c00, c01 = _pair_step(route, a[m, p], b0, b1, c00, c01)
+            if n > 1:
+                c10, c11 = _pair_step(route, a[r1, p], b0, b1, c10, c11)
+            if n > 2:
+                c20, c21 = _pair_step(route, a[r2, p], b0, b1, c20, c21)
+            if n > 3:
+                c30, c31 = _pair_step(route, a[r3, p], b0, b1, c30, c31)
+    _finish_row(m, n0, c00, c01, lora, out)
+    if n > 1:
+        _finish_row(r1, n0, c10, c11, lora, out)
+    if n > 2:
+        _finish_row(r2, n0, c20, c21, lora, out)
+    if n > 3:
+        _finish_row(r3, n0, c30, c31, lora, out)
 
 
 @njit(inline="always", **JIT)
@@ -546,10 +587,6 @@ SCRATCH = MR_AMX * TILE_N          # words of a thread's AMX block results (floa
 # row, W^T of [1536, 2048] bf16: 77 ms without prefetch, 50 with 2 or 4 blocks, 48 with 8.
 PREFETCH_BLOCKS = 4
 TMP = 8 * LANES                    # words of 8 decoded vectors
-# Forward: experts with at most this many rows decode each pair vector in registers, no
-# panel. Zen 4, 2 threads, 64 experts, W [1536, 2048]: int4 at 1 row 10.9 -> 7.2 ms; at 2
-# rows (decoded twice) int4 no gain, int8 33.7 -> 23.5 ms, bf16 22.2 -> 25.6 ms: kept at 1.
-DECODING_ROWS = 1
 _SCRATCH = [np.zeros((0, 0), np.uint32)]
 
 
@@ -580,10 +617,9 @@ def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed,
             n0 = tasks[i, 1] * TILE_N
             lora = _item_lora(e, slot_of_expert[e], n0, lora_l, ups, up_flat, turned, group_n, scale, tile)
             last = offsets[e + 1] - 1
-            if not transposed and last - offsets[e] < DECODING_ROWS:
-                for r in range(offsets[e], last + 1):
-                    c0, c1 = _row_decoding(route, a, r, codes, flat, scales, zeros, group_pairs, e, n0 // LANES)
-                    _finish_row(r, n0, c0, c1, lora, out)
+            if not transposed and last - offsets[e] < decoding_rows(route):
+                _rows_decoding(route, a, offsets[e], last, codes, flat, scales, zeros, group_pairs, e, n0 // LANES, n0,
+                               lora, out)
                 continue
             if transposed:
                 _backward_panel(route, codes, flat, scales, zeros, group_pairs, e, n0 // 2, panel, tmp)
