@@ -4,8 +4,9 @@ A shared VM's read bandwidth moves between ~35 and ~60 GB/s from minute to minut
 ceiling measured once per run (``python -m nbmoe bench``) can come from another minute
 than the timing. Here every forward median (of 7) sits between two reads of 512 MiB and
 its roofline fraction uses the better of the two. Qwen3-30B-A3B layer, r=16, uniform
-routing, the best route of this CPU. Run: ``python bench/bench_paired.py [T ...]
-[--rounds N]`` (``bench/RESULTS.md`` has the numbers).
+routing, the best route of this CPU; each weight format's roofline counts its stored bytes
+(int4 groups as ``bench.CHECKPOINT_GROUP``). Run: ``python bench/bench_paired.py [T ...]
+[--rounds N] [--format F ...]`` (``bench/RESULTS.md`` has the numbers).
 """
 
 import argparse
@@ -16,6 +17,7 @@ import numpy as np
 import nbmoe
 from nbmoe import bench
 from nbmoe.kernels.peak import read_stream
+from nbmoe.quant import FORMATS
 
 SHAPE = bench.QWEN3_30B_A3B
 
@@ -34,25 +36,29 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("tokens", nargs="*", type=int, default=[1, 16])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--format", nargs="+", default=["bf16"], choices=["bf16", *FORMATS])
     args = parser.parse_args()
     E, k, H, I = SHAPE["experts"], SHAPE["topk"], SHAPE["hidden"], SHAPE["intermediate"]
     gate, up, down, lora = bench.layer_weights(E, H, I, SHAPE["rank"])
-    layer = nbmoe.MoELayer(gate, up, down, lora=lora, max_tokens=max(args.tokens))
+    layers = {fmt: nbmoe.MoELayer(gate, up, down, lora=lora, max_tokens=max(args.tokens), weight_format=fmt,
+                                  group_size=bench.CHECKPOINT_GROUP.get(fmt)) for fmt in args.format}
     data = np.ones(512 << 18, np.float32)
     read_stream(data, 64)
-    calls = {}
+    calls = []
     for T in args.tokens:
         ids, weights = bench.routing(T, E, k)
         x, _ = bench.activations(T, H)
-        calls[T] = (x, ids, weights, bench.weight_bytes(ids, E, H, I, layer.packed_nbytes, lora))
-        for _ in range(3):
-            layer.forward(x, ids, weights)
+        for fmt, layer in layers.items():
+            calls.append((T, fmt, layer, x, ids, weights,
+                          bench.weight_bytes(ids, E, H, I, layer.packed_nbytes, lora)))
+            for _ in range(3):
+                layer.forward(x, ids, weights)
     for _ in range(args.rounds):
-        for T, (x, ids, weights, nbytes) in calls.items():
+        for T, fmt, layer, x, ids, weights, nbytes in calls:
             before = read_gbs(data)
             median = bench.median_time(lambda: layer.forward(x, ids, weights), 7)
             after = read_gbs(data)
-            print(f"T={T:5d} fwd {median * 1e3:7.2f} ms  read {before:5.1f} / {after:5.1f} GB/s  "
+            print(f"T={T:5d} {fmt:8s} fwd {median * 1e3:7.2f} ms  read {before:5.1f} / {after:5.1f} GB/s  "
                   f"roofline {nbytes / (max(before, after) * 1e9) / median:.2f}", flush=True)
 
 

@@ -5,7 +5,8 @@ forward gate_up, forward down, backward down, backward gate_up) and prints the m
 call over ``--reps`` runs after a timed warm-up: the profiles behind the misses in
 ``bench/RESULTS.md``. Qwen3-30B-A3B layer, r=16, uniform routing, the best route of this
 CPU; a step accumulates its LoRA gradients into persistent buffers, as ``python -m nbmoe
-bench`` does. Run: ``python bench/bench_phases.py T {fwd,step} [--reps N]``.
+bench`` does. Run: ``python bench/bench_phases.py T {fwd,step} [--reps N] [--format F]``
+(int4 groups as ``bench.CHECKPOINT_GROUP``).
 """
 
 import argparse
@@ -17,6 +18,7 @@ import numpy as np
 import nbmoe
 from nbmoe import bench
 from nbmoe.kernels import moe
+from nbmoe.quant import FORMATS
 
 SHAPE = bench.QWEN3_30B_A3B
 KERNELS = ["route_pairs", "gather_rows", "row_blocks", "project", "grouped_gemm", "silu_mul", "combine_rows",
@@ -44,10 +46,12 @@ def main():
     parser.add_argument("tokens", type=int)
     parser.add_argument("mode", choices=["fwd", "step"])
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--format", default="bf16", choices=["bf16", *FORMATS])
     args = parser.parse_args()
     E, k, H, I = SHAPE["experts"], SHAPE["topk"], SHAPE["hidden"], SHAPE["intermediate"]
     gate, up, down, lora = bench.layer_weights(E, H, I, SHAPE["rank"])
-    layer = nbmoe.MoELayer(gate, up, down, lora=lora, max_tokens=max(args.tokens, 16))
+    layer = nbmoe.MoELayer(gate, up, down, lora=lora, max_tokens=max(args.tokens, 16), weight_format=args.format,
+                           group_size=bench.CHECKPOINT_GROUP.get(args.format))
     ids, weights = bench.routing(args.tokens, E, k)
     x, grad_y = bench.activations(args.tokens, H)
     grads = None
