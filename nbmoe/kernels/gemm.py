@@ -541,28 +541,46 @@ def _ahead(flat, at, p):
 
 
 @njit(inline="always", **JIT)
+def _two_blocks(codes, e, nb0):
+    """Flat offsets in ``codes`` of column blocks ``nb0, nb0 + 1`` of expert ``e``."""
+    at0 = (e * codes.shape[1] + nb0) * codes.shape[2] * LANES
+    return at0, at0 + codes.shape[2] * LANES
+
+
+@njit(inline="always", **JIT)
+def _two_scales(codes, scales, zeros, e, nb0, g):
+    """``_group_scales`` of group ``g`` of blocks ``nb0, nb0 + 1``: (z0, s0, z1, s1)."""
+    NB, G = codes.shape[1], scales.shape[2]
+    z0, s0 = _group_scales(codes, scales, zeros, ((e * NB + nb0) * G + g) * LANES)
+    z1, s1 = _group_scales(codes, scales, zeros, ((e * NB + nb0 + 1) * G + g) * LANES)
+    return z0, s0, z1, s1
+
+
+@njit(inline="always", **JIT)
+def _two_decoded(route, flat, at0, at1, p, zs):
+    """Pair vector ``p`` of both blocks, decoded in registers (``_ahead`` hinting on)."""
+    z0, s0, z1, s1 = zs
+    _ahead(flat, at0, p)
+    _ahead(flat, at1, p)
+    return _decode(route, flat, at0 + p * LANES, z0, s0), _decode(route, flat, at1 + p * LANES, z1, s1)
+
+
+@njit(inline="always", **JIT)
 def _rows_decoding(route, a, m, last, codes, flat, scales, zeros, group_pairs, e, nb0, n0, lora, out):
     """Rows ``m .. min(m + 3, last)`` of ``a`` times blocks ``nb0, nb0 + 1`` of expert ``e``,
     through the epilogue, decoding each pair vector in registers once for all of them: no
     panel stored and read back (bf16: read in place once, not once per row). The row
     count ``n`` is loop-invariant: LLVM unswitches the loop into one per count, so one
     row keeps two accumulators and does no work for absent rows."""
-    NB, KP2 = codes.shape[1], codes.shape[2]
-    G = scales.shape[2]
-    at0 = (e * NB + nb0) * KP2 * LANES
-    at1 = at0 + KP2 * LANES
+    at0, at1 = _two_blocks(codes, e, nb0)
     n = min(last - m + 1, 4)
     r1, r2, r3 = min(m + 1, last), min(m + 2, last), min(m + 3, last)
     c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
     c20, c21, c30, c31 = vzero(), vzero(), vzero(), vzero()
-    for g in range(G):
-        z0, s0 = _group_scales(codes, scales, zeros, ((e * NB + nb0) * G + g) * LANES)
-        z1, s1 = _group_scales(codes, scales, zeros, ((e * NB + nb0 + 1) * G + g) * LANES)
+    for g in range(scales.shape[2]):
+        zs = _two_scales(codes, scales, zeros, e, nb0, g)
         for p in range(g * group_pairs, (g + 1) * group_pairs):
-            _ahead(flat, at0, p)
-            _ahead(flat, at1, p)
-            b0 = _decode(route, flat, at0 + p * LANES, z0, s0)
-            b1 = _decode(route, flat, at1 + p * LANES, z1, s1)
+            b0, b1 = _two_decoded(route, flat, at0, at1, p, zs)
             c00, c01 = _pair_step(route, a[m, p], b0, b1, c00, c01)
             if n > 1:
                 c10, c11 = _pair_step(route, a[r1, p], b0, b1, c10, c11)
@@ -583,24 +601,17 @@ def _rows_decoding(route, a, m, last, codes, flat, scales, zeros, group_pairs, e
 def _rows_decoding8(route, a, m, last, codes, flat, scales, zeros, group_pairs, e, nb0, n0, lora, out):
     """``_rows_decoding`` for 5 to 8 rows ``m .. last``: a whole block of 8 rows x 32
     columns (16 accumulators, ``_block_bf16``'s), the last row repeated to fill it."""
-    NB, KP2 = codes.shape[1], codes.shape[2]
-    G = scales.shape[2]
-    at0 = (e * NB + nb0) * KP2 * LANES
-    at1 = at0 + KP2 * LANES
+    at0, at1 = _two_blocks(codes, e, nb0)
     r1, r2, r3, r4 = min(m + 1, last), min(m + 2, last), min(m + 3, last), min(m + 4, last)
     r5, r6, r7 = min(m + 5, last), min(m + 6, last), min(m + 7, last)
     c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
     c20, c21, c30, c31 = vzero(), vzero(), vzero(), vzero()
     c40, c41, c50, c51 = vzero(), vzero(), vzero(), vzero()
     c60, c61, c70, c71 = vzero(), vzero(), vzero(), vzero()
-    for g in range(G):
-        z0, s0 = _group_scales(codes, scales, zeros, ((e * NB + nb0) * G + g) * LANES)
-        z1, s1 = _group_scales(codes, scales, zeros, ((e * NB + nb0 + 1) * G + g) * LANES)
+    for g in range(scales.shape[2]):
+        zs = _two_scales(codes, scales, zeros, e, nb0, g)
         for p in range(g * group_pairs, (g + 1) * group_pairs):
-            _ahead(flat, at0, p)
-            _ahead(flat, at1, p)
-            b0 = _decode(route, flat, at0 + p * LANES, z0, s0)
-            b1 = _decode(route, flat, at1 + p * LANES, z1, s1)
+            b0, b1 = _two_decoded(route, flat, at0, at1, p, zs)
             c00, c01 = _pair_step(route, a[m, p], b0, b1, c00, c01)
             c10, c11 = _pair_step(route, a[r1, p], b0, b1, c10, c11)
             c20, c21 = _pair_step(route, a[r2, p], b0, b1, c20, c21)
