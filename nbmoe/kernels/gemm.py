@@ -196,21 +196,20 @@ def _block_rows(route):
 
 
 # Forward: experts with at most this many rows decode each pair vector in registers once
-# for all their rows (``_rows_decoding``: up to 4 rows, ``_rows_decoding8``: 5 to 8), no
-# panel. Zen 4, 2 threads, 64 experts x R rows, W [1536, 2048], forward, old and new
-# alternated (one register row before, else the panel): avx512_bf16 R = 2 int4_k2
-# 14.6-16.2 -> 8.7-10.1 ms, int8 16.9 -> 8.4-9.4, bf16 11.7-16.0 -> 10.5-12.8; R = 4
-# int4_k2 16.7-17.8 -> 11.7-12.7. Zen 5, 128 experts x R rows, with the ``_ahead`` hints:
-# R = 6 and 8 (the panel before) int8 25.5-26.1 -> 12.8-13.1 ms, int4_k2 24.0-24.2 ->
-# 13.6-14.6, bf16 18.7-19.3 -> 18.2-18.5. The fp32 FMA routes are bound by their
+# for all their rows (``_rows_decoding``), no panel. Zen 4, 2 threads, 64 experts x R rows,
+# W [1536, 2048], forward, old and new alternated (one register row before, else the
+# panel): avx512_bf16 R = 2 int4_k2 14.6-16.2 -> 8.7-10.1 ms, int8 16.9 -> 8.4-9.4, bf16
+# 11.7-16.0 -> 10.5-12.8; R = 3 int4_k2 16.3-17.2 -> 10.3-11.3; R = 4 int4_k2 16.7-17.8
+# -> 11.7-12.7, bf16 12.0-14.9 -> 14.3-14.6. Two passes of four rows for R = 5..8 (each
+# decoding again) gained nothing over the panel. The fp32 FMA routes are bound by their
 # widening FMAs, not the decode: R = 2 the same, R = 4 int4_k2 23.2-23.8 -> 25.8-26.2; one.
-DECODING_ROWS = 8
+DECODING_ROWS = 4
 DECODING_ROWS_FMA = 1
 
 
 def decoding_rows(route):
     """Rows up to which an expert's forward decodes in registers on ``route`` (at most the
-    eight ``_rows_decoding8`` holds)."""
+    four ``_rows_decoding`` holds)."""
 
 
 @overload(decoding_rows, jit_options=JIT)
@@ -541,46 +540,28 @@ def _ahead(flat, at, p):
 
 
 @njit(inline="always", **JIT)
-def _two_blocks(codes, e, nb0):
-    """Flat offsets in ``codes`` of column blocks ``nb0, nb0 + 1`` of expert ``e``."""
-    at0 = (e * codes.shape[1] + nb0) * codes.shape[2] * LANES
-    return at0, at0 + codes.shape[2] * LANES
-
-
-@njit(inline="always", **JIT)
-def _two_scales(codes, scales, zeros, e, nb0, g):
-    """``_group_scales`` of group ``g`` of blocks ``nb0, nb0 + 1``: (z0, s0, z1, s1)."""
-    NB, G = codes.shape[1], scales.shape[2]
-    z0, s0 = _group_scales(codes, scales, zeros, ((e * NB + nb0) * G + g) * LANES)
-    z1, s1 = _group_scales(codes, scales, zeros, ((e * NB + nb0 + 1) * G + g) * LANES)
-    return z0, s0, z1, s1
-
-
-@njit(inline="always", **JIT)
-def _two_decoded(route, flat, at0, at1, p, zs):
-    """Pair vector ``p`` of both blocks, decoded in registers (``_ahead`` hinting on)."""
-    z0, s0, z1, s1 = zs
-    _ahead(flat, at0, p)
-    _ahead(flat, at1, p)
-    return _decode(route, flat, at0 + p * LANES, z0, s0), _decode(route, flat, at1 + p * LANES, z1, s1)
-
-
-@njit(inline="always", **JIT)
 def _rows_decoding(route, a, m, last, codes, flat, scales, zeros, group_pairs, e, nb0, n0, lora, out):
     """Rows ``m .. min(m + 3, last)`` of ``a`` times blocks ``nb0, nb0 + 1`` of expert ``e``,
     through the epilogue, decoding each pair vector in registers once for all of them: no
     panel stored and read back (bf16: read in place once, not once per row). The row
     count ``n`` is loop-invariant: LLVM unswitches the loop into one per count, so one
     row keeps two accumulators and does no work for absent rows."""
-    at0, at1 = _two_blocks(codes, e, nb0)
+    NB, KP2 = codes.shape[1], codes.shape[2]
+    G = scales.shape[2]
+    at0 = (e * NB + nb0) * KP2 * LANES
+    at1 = at0 + KP2 * LANES
     n = min(last - m + 1, 4)
     r1, r2, r3 = min(m + 1, last), min(m + 2, last), min(m + 3, last)
     c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
     c20, c21, c30, c31 = vzero(), vzero(), vzero(), vzero()
-    for g in range(scales.shape[2]):
-        zs = _two_scales(codes, scales, zeros, e, nb0, g)
+    for g in range(G):
+        z0, s0 = _group_scales(codes, scales, zeros, ((e * NB + nb0) * G + g) * LANES)
+        z1, s1 = _group_scales(codes, scales, zeros, ((e * NB + nb0 + 1) * G + g) * LANES)
         for p in range(g * group_pairs, (g + 1) * group_pairs):
-            b0, b1 = _two_decoded(route, flat, at0, at1, p, zs)
+            _ahead(flat, at0, p)
+            _ahead(flat, at1, p)
+            b0 = _decode(route, flat, at0 + p * LANES, z0, s0)
+            b1 = _decode(route, flat, at1 + p * LANES, z1, s1)
             c00, c01 = _pair_step(route, a[m, p], b0, b1, c00, c01)
             if n > 1:
                 c10, c11 = _pair_step(route, a[r1, p], b0, b1, c10, c11)
@@ -595,33 +576,6 @@ def _rows_decoding(route, a, m, last, codes, flat, scales, zeros, group_pairs, e
         _finish_row(r2, n0, c20, c21, lora, out)
     if n > 3:
         _finish_row(r3, n0, c30, c31, lora, out)
-
-
-@njit(inline="always", **JIT)
-def _rows_decoding8(route, a, m, last, codes, flat, scales, zeros, group_pairs, e, nb0, n0, lora, out):
-    """``_rows_decoding`` for 5 to 8 rows ``m .. last``: a whole block of 8 rows x 32
-    columns (16 accumulators, ``_block_bf16``'s), the last row repeated to fill it."""
-    at0, at1 = _two_blocks(codes, e, nb0)
-    r1, r2, r3, r4 = min(m + 1, last), min(m + 2, last), min(m + 3, last), min(m + 4, last)
-    r5, r6, r7 = min(m + 5, last), min(m + 6, last), min(m + 7, last)
-    c00, c01, c10, c11 = vzero(), vzero(), vzero(), vzero()
-    c20, c21, c30, c31 = vzero(), vzero(), vzero(), vzero()
-    c40, c41, c50, c51 = vzero(), vzero(), vzero(), vzero()
-    c60, c61, c70, c71 = vzero(), vzero(), vzero(), vzero()
-    for g in range(scales.shape[2]):
-        zs = _two_scales(codes, scales, zeros, e, nb0, g)
-        for p in range(g * group_pairs, (g + 1) * group_pairs):
-            b0, b1 = _two_decoded(route, flat, at0, at1, p, zs)
-            c00, c01 = _pair_step(route, a[m, p], b0, b1, c00, c01)
-            c10, c11 = _pair_step(route, a[r1, p], b0, b1, c10, c11)
-            c20, c21 = _pair_step(route, a[r2, p], b0, b1, c20, c21)
-            c30, c31 = _pair_step(route, a[r3, p], b0, b1, c30, c31)
-            c40, c41 = _pair_step(route, a[r4, p], b0, b1, c40, c41)
-            c50, c51 = _pair_step(route, a[r5, p], b0, b1, c50, c51)
-            c60, c61 = _pair_step(route, a[r6, p], b0, b1, c60, c61)
-            c70, c71 = _pair_step(route, a[r7, p], b0, b1, c70, c71)
-    _finish4(m, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, lora, out)
-    _finish4(r4, r5, r6, r7, n0, c40, c41, c50, c51, c60, c61, c70, c71, lora, out)
 
 
 @njit(inline="always", **JIT)
@@ -684,14 +638,9 @@ def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed,
             n0 = tasks[i, 1] * TILE_N
             lora = _item_lora(e, slot_of_expert[e], n0, lora_l, ups, up_flat, turned, group_n, scale, tile)
             last = offsets[e + 1] - 1
-            rows = last - offsets[e] + 1
-            if not transposed and rows <= decoding_rows(route):
-                if rows <= 4:
-                    _rows_decoding(route, a, offsets[e], last, codes, flat, scales, zeros, group_pairs, e,
-                                   n0 // LANES, n0, lora, out)
-                else:
-                    _rows_decoding8(route, a, offsets[e], last, codes, flat, scales, zeros, group_pairs, e,
-                                    n0 // LANES, n0, lora, out)
+            if not transposed and last - offsets[e] < decoding_rows(route):
+                _rows_decoding(route, a, offsets[e], last, codes, flat, scales, zeros, group_pairs, e, n0 // LANES, n0,
+                               lora, out)
                 continue
             if transposed:
                 _backward_panel(route, codes, flat, scales, zeros, group_pairs, e, n0 // 2, panel, tmp)
