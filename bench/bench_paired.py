@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 
-import nbmoe
 from nbmoe import bench
 from nbmoe.kernels.peak import read_stream
 from nbmoe.quant import FORMATS
@@ -40,8 +39,7 @@ def main():
     args = parser.parse_args()
     E, k, H, I = SHAPE["experts"], SHAPE["topk"], SHAPE["hidden"], SHAPE["intermediate"]
     gate, up, down, lora = bench.layer_weights(E, H, I, SHAPE["rank"])
-    layers = {fmt: nbmoe.MoELayer(gate, up, down, lora=lora, max_tokens=max(args.tokens), weight_format=fmt,
-                                  group_size=bench.CHECKPOINT_GROUP.get(fmt)) for fmt in args.format}
+    layers = {fmt: bench.format_layer(gate, up, down, lora, fmt, max(args.tokens)) for fmt in args.format}
     data = np.ones(512 << 18, np.float32)
     read_stream(data, 64)
     calls = []

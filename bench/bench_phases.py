@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 
-import nbmoe
 from nbmoe import bench
 from nbmoe.kernels import moe
 from nbmoe.quant import FORMATS
@@ -50,8 +49,7 @@ def main():
     args = parser.parse_args()
     E, k, H, I = SHAPE["experts"], SHAPE["topk"], SHAPE["hidden"], SHAPE["intermediate"]
     gate, up, down, lora = bench.layer_weights(E, H, I, SHAPE["rank"])
-    layer = nbmoe.MoELayer(gate, up, down, lora=lora, max_tokens=max(args.tokens, 16), weight_format=args.format,
-                           group_size=bench.CHECKPOINT_GROUP.get(args.format))
+    layer = bench.format_layer(gate, up, down, lora, args.format, max(args.tokens, 16))
     ids, weights = bench.routing(args.tokens, E, k)
     x, grad_y = bench.activations(args.tokens, H)
     grads = None

@@ -201,6 +201,13 @@ class Row:
 CHECKPOINT_GROUP = {"int4_k2": 32, "int4_awq": 128}
 
 
+def format_layer(gate, up, down, lora, fmt, max_tokens, group_size=None, **options):
+    """The ``MoELayer`` a bench times in weight format ``fmt``: int4 groups ``group_size`` or
+    ``CHECKPOINT_GROUP``; ``options`` go to ``MoELayer`` (route, tp)."""
+    return MoELayer(gate, up, down, lora=lora, max_tokens=max_tokens, weight_format=fmt,
+                    group_size=group_size or CHECKPOINT_GROUP.get(fmt), **options)
+
+
 def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None, skew=None, formats=("bf16",),
                  group_size=None, tps=(1,)):
     """Time nbmoe (one layer per weight format in ``formats`` and part count in ``tps``; int4
@@ -215,8 +222,7 @@ def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None, skew=Non
     torch.set_num_threads(numba.get_num_threads())
     E, I, H = gate.shape
     r = 0 if lora is None else lora.gate_a.shape[1]
-    layers = {(fmt, tp): MoELayer(gate, up, down, lora=lora, max_tokens=max(tokens), route=route, weight_format=fmt,
-                                  group_size=group_size or CHECKPOINT_GROUP.get(fmt), tp=tp)
+    layers = {(fmt, tp): format_layer(gate, up, down, lora, fmt, max(tokens), group_size, route=route, tp=tp)
               for fmt in formats for tp in tps}
     eager = EagerExperts(gate, up, down, lora)
     rows = []

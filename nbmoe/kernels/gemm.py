@@ -521,8 +521,8 @@ def _pairs8_format(route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp
 
 
 # Decoding in registers keeps the out-of-order window full of decode work: it runs too
-# short a way ahead of its loads to keep DRAM busy, so the loops hint each stream's line
-# this far ahead into L2 (``_ahead``). Zen 5, 2 threads, 128 experts x 1 row, W [1536,
+# short a way ahead of its loads to keep DRAM busy, so ``_rows_decoding`` hints each
+# stream's line this far ahead into L2 (``_ahead``; a hint past the last code never faults). Zen 5, 2 threads, 128 experts x 1 row, W [1536,
 # 2048] forward, read ~45-50 GB/s: int8 14.5-20.0 -> 9.6-10.3 ms (0.81-0.85 of the read
 # rate), int4_awq 10.7-18.8 -> 8.5-11.4, int4_k2 and bf16 within the VM's spread; 4096
 # the same as 2048, into L1 as well no better. A panel's decode gains nothing from it:
