@@ -552,7 +552,7 @@ def _ahead_item(codes, flat, e, tile):
     ``tile``) into L2 (bf16 nothing)."""
     if flat.itemsize < 4:
         KP2 = codes.shape[2]
-        at0 = (e * codes.shape[1] + tile * (TILE_N // LANES)) * KP2 * LANES
+        at0 = _next_sources(codes, False, e, tile)[0]
         for at in (at0, at0 + KP2 * LANES):
             for i in range(0, min(AHEAD_BYTES // flat.itemsize, KP2 * LANES), 64 // flat.itemsize):
                 prefetch_l2(flat, at + i)
