@@ -1,6 +1,6 @@
 """pytest-benchmark: nbmoe against PyTorch eager at the Qwen3-30B-A3B layer shape.
 
-    python -m pytest bench/bench_moe.py --benchmark-only --benchmark-group-by=param:T
+    python -m pytest bench/bench_moe.py --benchmark-only -n 0 --benchmark-group-by=param:T
 
 The same comparison as ``python -m nbmoe bench`` (which adds the roofline column), on the
 route NBMOE_ISA names or the best this CPU runs.

@@ -11,7 +11,7 @@ from nbmoe import bench
 from nbmoe.kernels import peak
 from nbmoe.reference import LORA_FIELDS
 from nbmoe.torch import to_numpy, to_torch
-from conftest import RUNNABLE
+from conftest import ROUTE_PARAMS
 from helpers import Problem, assert_close, rel
 
 
@@ -116,7 +116,7 @@ def test_layer_weights_are_at_realistic_scale():
     assert_close(problem, *problem.run(max_tokens=4))
 
 
-@pytest.mark.parametrize("route", RUNNABLE)
+@pytest.mark.parametrize("route", ROUTE_PARAMS)
 def test_peak_spins_do_the_arithmetic_they_count(route):
     out = np.zeros(2, np.float32)
     spin, flop, _, _ = bench._SPINS[route]

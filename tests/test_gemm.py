@@ -13,7 +13,7 @@ from nbmoe.kernels import gemm, isa
 from nbmoe.kernels.gemm import ROW_SLACK, TILE_N, PackedMatrix, PackedWeight, grouped_gemm, padded
 from nbmoe.reference import round_bf16
 from nbmoe.scratch import zeros as aligned_zeros
-from conftest import RUNNABLE
+from conftest import ROUTE_PARAMS
 from helpers import BF16, assert_fp32_sums, rel
 
 
@@ -41,7 +41,7 @@ def test_bf16_layout_round_trips(E, N, K, parts):
 FORMATS = [("bf16", None), ("int8", None), ("int4_awq", 32), ("int4_awq", 64), ("int4_k2", 32)]
 
 
-@pytest.mark.parametrize("route", RUNNABLE)
+@pytest.mark.parametrize("route", ROUTE_PARAMS)
 @settings(max_examples=30, deadline=None)
 @given(E=st.integers(1, 4), N=st.sampled_from([16, 40, 64, 96]), K=st.sampled_from([64, 128]),
        fmt=st.sampled_from(FORMATS), most=st.sampled_from([2, 9, 40]), seed=st.integers(0, 2**31 - 1))
@@ -94,7 +94,7 @@ def _problem(rng, counts, groups, N, K):
     return offsets, P, active, slot_of_expert, w, packed, a
 
 
-@pytest.mark.parametrize("route", RUNNABLE)
+@pytest.mark.parametrize("route", ROUTE_PARAMS)
 @settings(max_examples=40, deadline=None)
 @given(E=st.integers(1, 5), N=st.integers(1, 80), K=st.integers(1, 80), R=st.sampled_from([0, 1, 4]),
        groups=st.sampled_from([1, 2]), most=st.sampled_from([3, 9, 40]), seed=st.integers(0, 2**31 - 1))
@@ -128,7 +128,7 @@ def test_grouped_gemm_matches_float64(route, E, N, K, R, groups, most, seed):
     assert np.all(np.isnan(out32[P:]))                                        # rows past P: untouched
 
 
-@pytest.mark.parametrize("route", RUNNABLE)
+@pytest.mark.parametrize("route", ROUTE_PARAMS)
 @pytest.mark.parametrize("R, groups", [(16, 2), (32, 1)])
 def test_epilogue_turns_caller_b_as_load_does(route, R, groups):
     """The caller's B [E, N, R] per group, turned per item into the thread's tile, gives
@@ -149,7 +149,7 @@ def test_epilogue_turns_caller_b_as_load_does(route, R, groups):
     assert not np.any(np.isnan(outs[0])) and np.array_equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("route", RUNNABLE)
+@pytest.mark.parametrize("route", ROUTE_PARAMS)
 def test_outputs_stored_past_the_caches_hold_the_same_bits(route, monkeypatch):
     """Outputs over ``STREAM_BYTES`` (forced to 0 here) go out through non-temporal
     stores where aligned: the same fp32 and bf16 bits; unaligned ones are stored as ever."""
@@ -179,7 +179,7 @@ def test_padding_is_the_least_whole_tiling(n):
     assert p % tiling == 0 and n <= p < n + tiling
 
 
-@pytest.mark.parametrize("route", RUNNABLE)
+@pytest.mark.parametrize("route", ROUTE_PARAMS)
 @pytest.mark.parametrize("K", [70, 64])
 def test_packed_matrix_matmul(route, K):
     """K = 64 reads a C-order ``a`` in place (routes but amx); a strided view of the same
