@@ -44,7 +44,7 @@ import numba
 import numpy as np
 
 from .activation import silu_mul, silu_mul_backward
-from .gemm import ROW_SLACK, PackedWeight, grouped_gemm, padded
+from .gemm import ROW_SLACK, PackedWeight, grouped_gemm, longer, padded
 from .lora import load, outer, project, row_blocks, store
 from .routing import combine_rows, gather_rows, pair_grads, route_pairs
 from .simd import LANES
@@ -72,18 +72,6 @@ class PackedWeights:
         return self.gu.nbytes + self.d.nbytes
 
 
-def _longer(n, dtype):
-    """A row of ``n`` elements plus one 64-byte cache line: the row length of the LoRA
-    factor buffers, of the fp32 operands of the LoRA products (G, dgu) and of the bf16
-    operands with rows of H (xs, G16). Rows of a power-of-two length (4 or 8 KiB at
-    H = 2048) all fall in one L1 set: ``load`` turning B^T 16 rows at a time missed on
-    every store, ``outer`` walking an expert's rows down a 32-column strip missed on every
-    row, a GEMM block's 8 rows filled one set. Zen 4, 2 threads, Qwen3-30B-A3B layer: B_down
-    of 81 experts 0.42 -> 0.20 ms; the outer products of a T=128 step 5.3 -> 4.5 ms; the
-    T=1024 forward gate_up GEMM 132.7 -> 129.9 ms."""
-    return n + 64 // np.dtype(dtype).itemsize
-
-
 class Workspace:
     """Scratch of one call, sized for ``pairs`` rows; nothing in it outlives the call.
 
@@ -95,21 +83,21 @@ class Workspace:
         Hp, Ip = padded(H), padded(I)
         operand = pairs + ROW_SLACK                        # GEMM A operands: whole tiles are read
         f32, u16 = np.float32, np.uint16
-        self.xs = alloc("xs", (operand, _longer(Hp, u16)), u16)
+        self.xs = alloc("xs", (operand, longer(Hp, u16)), u16)
         self.d32 = alloc("d32", (pairs, Hp), f32)          # forward d; backward grad_x per pair
-        self.G = alloc("G", (pairs, _longer(Hp, f32)), f32)
-        self.G16 = alloc("G16", (operand, _longer(Hp, u16)), u16)
+        self.G = alloc("G", (pairs, longer(Hp, f32)), f32)
+        self.G16 = alloc("G16", (operand, longer(Hp, u16)), u16)
         self.grad_h = alloc("grad_h", (pairs, Ip), f32)
-        self.dgu = alloc("dgu", (pairs, _longer(2 * Ip, f32)), f32)
+        self.dgu = alloc("dgu", (pairs, longer(2 * Ip, f32)), f32)
         self.dgu16 = alloc("dgu16", (operand, 2 * Ip), u16)
         self.gb_d = alloc("gb_d", (pairs, r), f32)
         self.gb_gu = alloc("gb_gu", (pairs, 2 * r), f32)
         self.h = alloc("h", (operand, Ip), u16)            # silu(g) * u: recomputed, not saved
         # LoRA factors per active slot (fp32, padded, rows a line longer), and their gradients
-        self.a_gu = alloc("a_gu", (E, 2 * r, _longer(Hp, f32)), f32)
-        self.bt_gu = alloc("bt_gu", (E, r, _longer(2 * Ip, f32)), f32)
-        self.a_d = alloc("a_d", (E, r, _longer(Ip, f32)), f32)
-        self.bt_d = alloc("bt_d", (E, r, _longer(Hp, f32)), f32)
+        self.a_gu = alloc("a_gu", (E, 2 * r, longer(Hp, f32)), f32)
+        self.bt_gu = alloc("bt_gu", (E, r, longer(2 * Ip, f32)), f32)
+        self.a_d = alloc("a_d", (E, r, longer(Ip, f32)), f32)
+        self.bt_d = alloc("bt_d", (E, r, longer(Hp, f32)), f32)
         self.da_gu = alloc("da_gu", (E, 2 * r, Hp), f32)
         self.dbt_gu = alloc("dbt_gu", (E, r, 2 * Ip), f32)
         self.da_d = alloc("da_d", (E, r, Ip), f32)
