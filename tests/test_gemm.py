@@ -3,6 +3,7 @@ LoRA epilogue) against float64."""
 
 import math
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -99,7 +100,7 @@ def _problem(rng, counts, groups, N, K):
 @given(E=st.integers(1, 5), N=st.integers(1, 80), K=st.integers(1, 80), R=st.sampled_from([0, 1, 4]),
        groups=st.sampled_from([1, 2]), most=st.sampled_from([3, 9, 40]), seed=st.integers(0, 2**31 - 1))
 def test_grouped_gemm_matches_float64(route, E, N, K, R, groups, most, seed):
-    # up to 40 rows an expert: full blocks and tails of every route (4, 8 and 32 rows)
+    # up to 40 rows an expert: full blocks and tails of every route (4; 8 and 12; 32 rows)
     rng = np.random.default_rng(seed)
     Np = padded(N)
     offsets, P, active, slot_of_expert, w, packed, a = _problem(rng, rng.integers(0, most + 1, E), groups, N, K)
@@ -170,6 +171,30 @@ def test_outputs_stored_past_the_caches_hold_the_same_bits(route, monkeypatch):
         outs.append((out32.copy(), out16.copy()))
     for out32, out16 in outs[1:]:
         assert np.array_equal(out32, outs[0][0]) and np.array_equal(out16, outs[0][1])
+
+
+@numba.njit
+def _blocks(route, n, transposed):
+    """The row counts ``block_take`` gives the blocks of an expert of ``n`` rows, in order."""
+    takes, m = [0], 0
+    while m < n:
+        takes.append(gemm.block_take(route, n - m, transposed))
+        m += takes[-1]
+    return takes[1:]
+
+
+@pytest.mark.parametrize("route, transposed, sizes", [("avx512_bf16", False, {8, 12}), ("avx512_bf16", True, {8}),
+                                                     ("avx512", False, {4}), ("amx", True, {32})])
+def test_blocks_cover_an_expert(route, transposed, sizes):
+    # avx512_bf16's forward 12- and 8-row blocks: a clamped tail of an expert of 8 rows or
+    # more repeats at most 3 rows (8-row blocks alone: up to 5; fewer than 8 rows are one
+    # 8-row block); a tail of fewer than CLAMP_ROWS rows runs row by row
+    for n in range(1, 300):
+        takes = _blocks(isa.Route(route, ""), n, transposed)
+        assert set(takes) <= sizes and sum(takes) >= n > sum(takes) - takes[-1]
+        tail = n - (sum(takes) - takes[-1])
+        if sizes == {8, 12} and n >= gemm.MR_BF16 and tail >= gemm.CLAMP_ROWS:
+            assert sum(takes) - n <= 3, (n, takes)
 
 
 @given(st.integers(1, 1 << 20))
