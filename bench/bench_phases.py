@@ -5,8 +5,9 @@ forward gate_up, forward down, backward down, backward gate_up) and prints the m
 call over ``--reps`` runs after a timed warm-up: the profiles behind the misses in
 ``bench/RESULTS.md``. Qwen3-30B-A3B layer, r=16, uniform routing, the best route of this
 CPU; a step accumulates its LoRA gradients into persistent buffers, as ``python -m nbmoe
-bench`` does. Run: ``python bench/bench_phases.py T {fwd,step} [--reps N] [--format F]``
-(int4 groups as ``bench.CHECKPOINT_GROUP``).
+bench`` does. Run: ``python bench/bench_phases.py T {fwd,step} [--reps N] [--format F]
+[--per-call]`` (int4 groups as ``bench.CHECKPOINT_GROUP``; ``--per-call``: a kernel called
+more than once a run, ``project`` or ``outer``, timed per call in call order).
 """
 
 import argparse
@@ -25,9 +26,12 @@ KERNELS = ["route_pairs", "gather_rows", "row_blocks", "project", "grouped_gemm"
 GEMMS = ["forward gate_up", "forward down", "backward down", "backward gate_up"]
 
 
-def timed(times, name, fn):
+def timed(times, name, fn, calls_per_run=0):
     """``fn`` recording its wall time under ``name``; a GEMM under its place in the pass
-    (each direction calls two: gate_up then down forward, down then gate_up backward)."""
+    (each direction calls two: gate_up then down forward, down then gate_up backward);
+    with ``calls_per_run``, each call of a run apart, as ``name #i``."""
+    count = [0]
+
     def wrapper(*args, **kwargs):
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
@@ -35,8 +39,19 @@ def timed(times, name, fn):
         if name == "grouped_gemm":
             pair = GEMMS[2:] if kwargs.get("transposed", False) else GEMMS[:2]
             key = pair[(len(times[pair[0]]) + len(times[pair[1]])) % 2]
+        elif calls_per_run:
+            key = f"{name} #{count[0] % calls_per_run}"
+            count[0] += 1
         times[key].append(time.perf_counter() - t0)
         return out
+    return wrapper
+
+
+def counted(calls, name, fn):
+    """``fn`` counting its calls under ``name``."""
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
     return wrapper
 
 
@@ -46,6 +61,8 @@ def main():
     parser.add_argument("mode", choices=["fwd", "step"])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--format", default="bf16", choices=["bf16", *FORMATS])
+    parser.add_argument("--per-call", action="store_true",
+                        help="time each call of a run apart (project, outer, ... as 'name #i', in call order)")
     args = parser.parse_args()
     E, k, H, I = SHAPE["experts"], SHAPE["topk"], SHAPE["hidden"], SHAPE["intermediate"]
     gate, up, down, lora = bench.layer_weights(E, H, I, SHAPE["rank"])
@@ -65,9 +82,17 @@ def main():
         t0 = time.perf_counter()
         run()
         totals.append(time.perf_counter() - t0)
+    calls = collections.Counter()
+    if args.per_call:                       # one counted run: how often a run calls each kernel
+        originals = {name: getattr(moe, name) for name in KERNELS}
+        for name in KERNELS:
+            setattr(moe, name, counted(calls, name, originals[name]))
+        run()
+        for name in KERNELS:
+            setattr(moe, name, originals[name])
     times = collections.defaultdict(list)
     for name in KERNELS:
-        setattr(moe, name, timed(times, name, getattr(moe, name)))
+        setattr(moe, name, timed(times, name, getattr(moe, name), calls[name] if calls[name] > 1 else 0))
     for _ in range(args.reps):
         run()
     print(f"T={args.tokens} {args.mode}: median {np.median(totals[3:]) * 1e3:.2f} ms unwrapped, "
