@@ -164,8 +164,8 @@ def test_outputs_stored_past_the_caches_hold_the_same_bits(route, monkeypatch):
         monkeypatch.setattr(gemm, "STREAM_BYTES", stream_bytes)
         out32 = aligned_zeros((P * N + 1,), np.float32)[shift:shift + P * N].reshape(P, N)   # shift: unaligned
         out16 = aligned_zeros((P, N), np.uint16)
-        assert gemm._streams(out32, P) == (stream_bytes == 0 and shift == 0)
-        assert gemm._streams(out16, P) == (stream_bytes == 0)
+        assert gemm.streams(out32, P) == (stream_bytes == 0 and shift == 0)
+        assert gemm.streams(out16, P) == (stream_bytes == 0)
         grouped_gemm(isa.Route(route, ""), a.view(np.uint32), packed, offsets, slot_of_expert, lora_l, lora_r, N,
                      np.float32(0.5), out32, out16)
         outs.append((out32.copy(), out16.copy()))

@@ -82,7 +82,7 @@ def test_calls_from_several_threads_take_turns():
 
 def test_buffers_start_on_a_cache_line():
     """Scratch, new arrays and saved-forward buffers start on ``ALIGN`` bytes: what a
-    GEMM needs to store its large outputs past the caches (``gemm._streams``)."""
+    GEMM needs to store its large outputs past the caches (``gemm.streams``)."""
     pool = scratch.Scratch()
     arrays = [pool.array(f"a{n}", (n, 3), dtype) for n, dtype in ((5, np.uint16), (7, np.float32), (1, np.uint8))]
     arrays += [scratch.new_array("x", (3, 5), np.float32), scratch.zeros((0,), np.float32)]

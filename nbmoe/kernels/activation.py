@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..config import JIT_PARALLEL
-from .simd import LANES, vexp, vload, vload_bf16, vsplat, vstore, vstore_bf16
+from .simd import LANES, vexp, vload, vload_bf16, vput, vsplat, vstore_bf16
 
 
 @njit(**JIT_PARALLEL)
@@ -33,11 +33,12 @@ def silu_mul(gu, P, h):
 
 
 @njit(**JIT_PARALLEL)
-def silu_mul_backward(grad_h, gu, P, dgu, dgu16):
+def silu_mul_backward(grad_h, gu, P, dgu, dgu16, stream32, stream16):
     """dgu[r] = dg | du from grad_h [>=P, Ip] float32 and the cached gu [>=P, 2*Ip] uint16.
 
     dgu [>=P, >=2*Ip] float32 feeds the LoRA products; dgu16 [>=P, 2*Ip], its bf16
-    rounding, the base-weight GEMM."""
+    rounding, the base-weight GEMM; stream32, stream16: store them past the caches
+    (``gemm.streams``, which checks the alignment this needs)."""
     Ip = grad_h.shape[1]
     ld = dgu.shape[1]
     one = vsplat(np.float32(1.0))
@@ -50,7 +51,7 @@ def silu_mul_backward(grad_h, gu, P, dgu, dgu16):
             dg = dh * u * s * (one + g * (one - s))
             du = dh * g * s
             at = r * 2 * Ip + i
-            vstore(dgu, r * ld + i, dg)
-            vstore(dgu, r * ld + Ip + i, du)
-            vstore_bf16(dgu16, at, dg)
-            vstore_bf16(dgu16, at + Ip, du)
+            vput(dgu, r * ld + i, dg, stream32)
+            vput(dgu, r * ld + Ip + i, du, stream32)
+            vput(dgu16, at, dg, stream16)
+            vput(dgu16, at + Ip, du, stream16)

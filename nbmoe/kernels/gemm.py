@@ -775,12 +775,15 @@ def _cache_bytes():
 
 # An output larger than the last-level cache cannot stay there for the pass that reads it
 # next, so it is stored past the caches (``vput``: no read of each line before it is
-# written). Zen 4, 2 threads, Qwen3-30B-A3B layer at T=1024 (32 MiB L3): forward down
-# 72.5 -> 69.0 ms, backward gate_up 147.6 -> 142.5, backward down 71.2 -> 69.0.
+# written): the GEMMs' outputs, and the fp32 ones of ``pair_grads`` and
+# ``silu_mul_backward``. Zen 4, 2 threads, Qwen3-30B-A3B layer at T=1024 (32 MiB L3):
+# forward down 72.5 -> 69.0 ms, backward gate_up 147.6 -> 142.5, backward down 71.2 ->
+# 69.0; Zen 5, the same step, three alternated pairs: pair_grads 4.16 / 4.22 / 3.08 ->
+# 3.42 / 2.85 / 3.33 ms, silu_mul_backward 3.41 / 3.95 / 2.28 -> 2.88 / 2.33 / 2.80.
 STREAM_BYTES = _cache_bytes()
 
 
-def _streams(out, rows):
+def streams(out, rows):
     """Whether ``rows`` rows of ``out`` are stored past the caches: more than
     ``STREAM_BYTES``, rows aligned to the bytes one store writes (64 fp32, 32 bf16)."""
     align = LANES * out.itemsize
@@ -811,7 +814,7 @@ def grouped_gemm(route, a, w, offsets, slot_of_expert, lora_l, lora_r, group_n, 
     tasks, bounds = make_tasks(offsets, slot_of_expert, tiles, scratch.shape[0])
     _grouped_gemm(route, a, w.codes, w.codes.reshape(-1), w.scales, w.zeros, w.group_pairs, transposed, offsets,
                   slot_of_expert, tasks, bounds, lora_l, ups, turned, group_n, scale,
-                  (out32, out16, _streams(out32, offsets[-1]), _streams(out16, offsets[-1])), scratch)
+                  (out32, out16, streams(out32, offsets[-1]), streams(out16, offsets[-1])), scratch)
 
 
 @njit(**JIT_PARALLEL)
