@@ -26,12 +26,10 @@ KERNELS = ["route_pairs", "gather_rows", "row_blocks", "project", "grouped_gemm"
 GEMMS = ["forward gate_up", "forward down", "backward down", "backward gate_up"]
 
 
-def timed(times, name, fn, calls_per_run=0):
-    """``fn`` recording its wall time under ``name``; a GEMM under its place in the pass
-    (each direction calls two: gate_up then down forward, down then gate_up backward);
-    with ``calls_per_run``, each call of a run apart, as ``name #i``."""
-    count = [0]
-
+def timed(times, name, fn):
+    """``fn`` recording its wall time under ``name``, in call order; a GEMM under its place
+    in the pass (each direction calls two: gate_up then down forward, down then gate_up
+    backward)."""
     def wrapper(*args, **kwargs):
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
@@ -39,19 +37,8 @@ def timed(times, name, fn, calls_per_run=0):
         if name == "grouped_gemm":
             pair = GEMMS[2:] if kwargs.get("transposed", False) else GEMMS[:2]
             key = pair[(len(times[pair[0]]) + len(times[pair[1]])) % 2]
-        elif calls_per_run:
-            key = f"{name} #{count[0] % calls_per_run}"
-            count[0] += 1
         times[key].append(time.perf_counter() - t0)
         return out
-    return wrapper
-
-
-def counted(calls, name, fn):
-    """``fn`` counting its calls under ``name``."""
-    def wrapper(*args, **kwargs):
-        calls[name] += 1
-        return fn(*args, **kwargs)
     return wrapper
 
 
@@ -82,19 +69,18 @@ def main():
         t0 = time.perf_counter()
         run()
         totals.append(time.perf_counter() - t0)
-    calls = collections.Counter()
-    if args.per_call:                       # one counted run: how often a run calls each kernel
-        originals = {name: getattr(moe, name) for name in KERNELS}
-        for name in KERNELS:
-            setattr(moe, name, counted(calls, name, originals[name]))
-        run()
-        for name in KERNELS:
-            setattr(moe, name, originals[name])
     times = collections.defaultdict(list)
     for name in KERNELS:
-        setattr(moe, name, timed(times, name, getattr(moe, name), calls[name] if calls[name] > 1 else 0))
+        setattr(moe, name, timed(times, name, getattr(moe, name)))
     for _ in range(args.reps):
         run()
+    if args.per_call:                       # every run calls the same kernels in the same order
+        for name, spent in list(times.items()):
+            calls = len(spent) // args.reps
+            if calls > 1:
+                del times[name]
+                for i in range(calls):
+                    times[f"{name} #{i}"] = spent[i::calls]
     print(f"T={args.tokens} {args.mode}: median {np.median(totals[3:]) * 1e3:.2f} ms unwrapped, "
           f"best {min(totals[3:]) * 1e3:.2f}; per run, wrapped:")
     for name, spent in sorted(times.items(), key=lambda kv: -sum(kv[1])):

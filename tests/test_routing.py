@@ -86,10 +86,10 @@ def test_combine_and_pair_grads(E, k, H, seed):
     d16[:, :H] = d32[:, :H].astype(BF16).view(np.uint16)
     G, G16 = np.full((P, Hp), np.nan, np.float32), np.full((P, Hp), 0xFFFF, np.uint16)
     grad_w = np.full((T, k), np.nan, np.float32)
-    pair_grads(grad_y.view(np.uint16), rows, weights, d16, G, G16, grad_w, False, False)
+    pair_grads(grad_y.view(np.uint16), rows, weights, d16, G, G16, grad_w, False)
     # stored past the caches (aligned rows, as gemm.streams requires): the same bits
     past, past16, past_w = aligned_zeros((P, Hp), np.float32), aligned_zeros((P, Hp), np.uint16), np.empty_like(grad_w)
-    pair_grads(grad_y.view(np.uint16), rows, weights, d16, past, past16, past_w, True, True)
+    pair_grads(grad_y.view(np.uint16), rows, weights, d16, past, past16, past_w, True)
     assert np.array_equal(past, G) and np.array_equal(past16, G16) and np.array_equal(past_w, grad_w)
     gy = grad_y.astype(np.float64)
     for t in range(T):

@@ -33,11 +33,11 @@ def silu_mul(gu, P, h):
 
 
 @njit(**JIT_PARALLEL)
-def silu_mul_backward(grad_h, gu, P, dgu, dgu16, stream32, stream16):
+def silu_mul_backward(grad_h, gu, P, dgu, dgu16, stream):
     """dgu[r] = dg | du from grad_h [>=P, Ip] float32 and the cached gu [>=P, 2*Ip] uint16.
 
     dgu [>=P, >=2*Ip] float32 feeds the LoRA products; dgu16 [>=P, 2*Ip], its bf16
-    rounding, the base-weight GEMM; stream32, stream16: store them past the caches
+    rounding, the base-weight GEMM (stored plainly); stream: store dgu past the caches
     (``gemm.streams``, which checks the alignment this needs)."""
     Ip = grad_h.shape[1]
     ld = dgu.shape[1]
@@ -51,7 +51,7 @@ def silu_mul_backward(grad_h, gu, P, dgu, dgu16, stream32, stream16):
             dg = dh * u * s * (one + g * (one - s))
             du = dh * g * s
             at = r * 2 * Ip + i
-            vput(dgu, r * ld + i, dg, stream32)
-            vput(dgu, r * ld + Ip + i, du, stream32)
-            vput(dgu16, at, dg, stream16)
-            vput(dgu16, at + Ip, du, stream16)
+            vput(dgu, r * ld + i, dg, stream)
+            vput(dgu, r * ld + Ip + i, du, stream)
+            vstore_bf16(dgu16, at, dg)
+            vstore_bf16(dgu16, at + Ip, du)

@@ -243,8 +243,7 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate, add_inpu
     # G and dgu (fp32, for the LoRA products) go past the caches when large (gemm.STREAM_BYTES);
     # G16 and dgu16, the operands of the very next GEMM, are stored plainly: G16 streamed at
     # T=1024 (34 MB, about the L3), that GEMM took 36.7-37.4 ms against 35.0-35.8 (Zen 5)
-    pair_grads(grad_y, rows, cache.topk_weights[:T], cache.d, ws.G, ws.G16, grads.topk_weights, streams(ws.G, P),
-               False)
+    pair_grads(grad_y, rows, cache.topk_weights[:T], cache.d, ws.G, ws.G16, grads.topk_weights, streams(ws.G, P))
     if P == 0:
         if not add_input:
             grads.input[:] = 0
@@ -256,7 +255,7 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate, add_inpu
         project(ws.G, cache.offsets, row_items, cache.slot_of_expert, (ws.bt_d,), Hp, ws.gb_d)
     grouped_gemm(route, ws.G16.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert,
                  ws.gb_d, ws.a_d, Ip, scale, ws.grad_h, _EMPTY_U16, transposed=True)
-    silu_mul_backward(ws.grad_h, cache.gu, P, ws.dgu, ws.dgu16, streams(ws.dgu, P), False)
+    silu_mul_backward(ws.grad_h, cache.gu, P, ws.dgu, ws.dgu16, streams(ws.dgu, P))
     if lora is not None:
         project(ws.dgu, cache.offsets, row_items, cache.slot_of_expert, (ws.bt_gu,), Ip, ws.gb_gu)
     grouped_gemm(route, ws.dgu16.view(np.uint32), packed.gu, cache.offsets, cache.slot_of_expert,

@@ -130,14 +130,15 @@ def round_rows(src, out):
 
 
 @njit(**JIT_PARALLEL)
-def pair_grads(grad_y, rows, weights, d, G, G16, grad_w, stream32, stream16):
+def pair_grads(grad_y, rows, weights, d, G, G16, grad_w, stream):
     """Gradient of the combine: G[r] = w[t, j] * grad_y[t], grad_w[t, j] = <grad_y[t], d[r]>.
 
     grad_y [T, H] uint16; rows [T, k]; weights [T, k] float32; d [>=P, Hp] uint16
     (cached bf16 expert outputs); G [>=P, >=Hp] float32 (for the LoRA products) and G16
     [>=P, >=Hp] uint16 (its bf16 rounding, the operand of the base-weight GEMM), pads
-    zeroed; grad_w [T, k] float32 (0 for skipped slots); stream32, stream16: store G,
-    G16 past the caches (``gemm.streams``, which checks the alignment this needs).
+    zeroed; grad_w [T, k] float32 (0 for skipped slots); stream: store G past the caches
+    (``gemm.streams``, which checks the alignment this needs; G16, the next GEMM's
+    operand, is stored plainly).
     """
     T, k = rows.shape
     H = grad_y.shape[1]
@@ -155,8 +156,8 @@ def pair_grads(grad_y, rows, weights, d, G, G16, grad_w, stream32, stream16):
                 gy = vload_bf16(grad_y, t * H + c)
                 dot = vfma(gy, vload_bf16(d, r * ld + c), dot)
                 g = vfma(w, gy, vzero())
-                vput(G, r * ld_g + c, g, stream32)
-                vput(G16, r * ld_16 + c, g, stream16)
+                vput(G, r * ld_g + c, g, stream)
+                vstore_bf16(G16, r * ld_16 + c, g)
             s = np.float32(0.0)
             for c in range(body, H):
                 gy_c = bf16_to_f32(grad_y[t, c])
