@@ -102,21 +102,35 @@ def _dequant(codes, zeros, scales, out, bf16_route):
         vstore(out, i, vdequant_bf16(codes, i, z, s) if bf16_route else vdequant(codes, i, z, s))
 
 
-@pytest.mark.parametrize("code_dtype", [np.uint16, np.uint8])
+@njit
+def _dequant_zero8(codes, scales, out, bf16_route):
+    # one zero point for every lane, as int4_k2 passes it
+    for i in range(0, codes.size, 16):
+        s = vload(scales, i)
+        vstore(out, i, vdequant_bf16(codes, i, 8, s) if bf16_route else vdequant(codes, i, 8, s))
+
+
+@pytest.mark.parametrize("code_dtype,one_zero", [(np.uint16, False), (np.uint8, False), (np.uint8, True)])
 @pytest.mark.parametrize("bf16_route", [False, True])
-def test_dequant_rounds_once_to_nearest_even(code_dtype, bf16_route):
-    # every int8 pair (signed bytes) or random nibble pairs with every zero point, times
-    # scales of every magnitude: bf16((q - z) * s) in both halves, the bits of ml_dtypes'
-    # rounding; the x86 twin (one vcvtne2ps2bf16) gives the same bits
+def test_dequant_rounds_once_to_nearest_even(code_dtype, one_zero, bf16_route):
+    # every int8 pair (signed bytes) or random nibble pairs with every zero point (or the
+    # one zero 8 for all lanes), times scales of every magnitude: bf16((q - z) * s) in both
+    # halves, the bits of ml_dtypes' rounding; the x86 twin (vpermps levels, one
+    # vcvtne2ps2bf16) gives the same bits
     if bf16_route and "avx512_bf16" not in isa.runnable():
         pytest.skip("vcvtne2ps2bf16 needs AVX512_BF16, which this CPU lacks (the portable twin is tested)")
-    rng = np.random.default_rng(int(code_dtype().itemsize) + 2 * bf16_route)
+    rng = np.random.default_rng(int(code_dtype().itemsize) + 2 * bf16_route + 4 * one_zero)
     n = 1 << 16
     codes = (np.arange(n) if code_dtype == np.uint16 else rng.integers(0, 256, n)).astype(code_dtype)
     zeros = (np.zeros(n) if code_dtype == np.uint16 else rng.integers(0, 16, n)).astype(np.uint8)
+    if one_zero:
+        zeros[:] = 8
     scales = (rng.standard_normal(n) * 2.0 ** rng.integers(-30, 30, n)).astype(np.float32)
     out = np.empty(n, np.uint32)
-    _dequant(codes, zeros, scales, out, bf16_route)
+    if one_zero:
+        _dequant_zero8(codes, scales, out, bf16_route)
+    else:
+        _dequant(codes, zeros, scales, out, bf16_route)
     if code_dtype == np.uint16:
         lo, hi = codes.view(np.uint8)[0::2].view(np.int8), codes.view(np.uint8)[1::2].view(np.int8)
     else:   # per 16 bytes: low nibbles hold lanes 0..7 as (lo, hi) pairs, high nibbles lanes 8..15

@@ -457,8 +457,9 @@ def vdequant(typingctx, codes, i, zero, scale):
     (``d % 2`` picks lo or hi) in its low nibble and the same of lane ``8 + d//2`` in its
     high nibble (unsigned 0..15) - so the low nibbles are lanes 0..7 in pair order, the
     high nibbles lanes 8..15, and the rounded halves concatenate into pairs with no
-    shuffle. zero ``u32x16`` (ignored for int8); scale ``f32x16``. ``(q - z) * s`` is one
-    float32 multiply of an exact integer, then one rounding.
+    shuffle. zero ``u32x16``, or one integer for all lanes (int4_k2's 8; ignored for int8);
+    scale ``f32x16``. ``(q - z) * s`` is one float32 multiply of an exact integer, then one
+    rounding.
     """
     if not is_code_pairs(codes, i, zero, scale):
         return None
@@ -474,33 +475,54 @@ def vdequant(typingctx, codes, i, zero, scale):
 def is_code_pairs(codes, i, zero, scale):
     """The argument types ``vdequant`` (and its x86 twin in ``isa``) accept."""
     return (isinstance(codes, types.Array) and codes.layout == "C" and codes.dtype in _CODE_BITS
-            and isinstance(i, types.Integer) and zero == u32x16 and scale == f32x16)
+            and isinstance(i, types.Integer) and (zero == u32x16 or isinstance(zero, types.Integer))
+            and scale == f32x16)
 
 
 _LANES_0_7 = ir.Constant(ir.VectorType(_I32, LANES), [j // 2 for j in range(LANES)])
 _LANES_8_15 = ir.Constant(ir.VectorType(_I32, LANES), [8 + j // 2 for j in range(LANES)])
 
 
-def dequant_lanes(context, builder, sig, args):
+_LEVELS = ir.Constant(LLVM_F32X16, [float(q) for q in range(LANES)])
+
+
+def dequant_lanes(context, builder, sig, args, lookup=None):
     """``vdequant``'s float32 values before rounding, as two ``<16 x float>``: the pairs of
-    lanes 0..7 (lo, hi, lo, hi, ...) and of lanes 8..15 (LLVM IR values)."""
+    lanes 0..7 (lo, hi, lo, hi, ...) and of lanes 8..15 (LLVM IR values).
+
+    ``lookup(builder, table, index)``, where given, picks each lane's entry of a 16-float
+    table by the low 4 bits of its index (x86 ``vpermps``): a nibble's level ``q - z``
+    comes from one lookup of its unmasked byte, in place of a mask, a subtract and a
+    conversion - with one zero for all lanes the table holds ``q - z`` itself, else ``q``
+    and the lanes' zeros are subtracted (exact either way: small integers)."""
     bytes16 = ir.VectorType(_I8, LANES)
     at = context.cast(builder, args[1], sig.args[1], types.intp)
     ptr = lane_ptr(context, builder, sig.args[0], args[0], types.intp, at, bytes16)
+    scale = args[3]
+    scales = builder.shuffle_vector(scale, scale, _LANES_0_7), builder.shuffle_vector(scale, scale, _LANES_8_15)
     if _CODE_BITS[sig.args[0].dtype] == 8:          # int8: 32 signed bytes in lane order
         upper = lane_ptr(context, builder, sig.args[0], args[0], types.intp,
                          builder.add(at, ir.Constant(at.type, 8)), bytes16)
-        first = builder.sext(builder.load(ptr, align=1), LLVM_I32X16)
-        second = builder.sext(builder.load(upper, align=1), LLVM_I32X16)
-    else:                                           # nibbles: low = lanes 0..7, high = 8..15
-        wide = builder.zext(builder.load(ptr, align=1), LLVM_I32X16)
-        first = builder.sub(builder.and_(wide, _const_i32x16(15)),
-                            builder.shuffle_vector(args[2], args[2], _LANES_0_7))
-        second = builder.sub(builder.lshr(wide, _const_i32x16(4)),
-                             builder.shuffle_vector(args[2], args[2], _LANES_8_15))
-    scale = args[3]
-    return (builder.fmul(builder.sitofp(first, LLVM_F32X16), builder.shuffle_vector(scale, scale, _LANES_0_7)),
-            builder.fmul(builder.sitofp(second, LLVM_F32X16), builder.shuffle_vector(scale, scale, _LANES_8_15)))
+        levels = [builder.sitofp(builder.sext(builder.load(p, align=1), LLVM_I32X16), LLVM_F32X16)
+                  for p in (ptr, upper)]
+        return builder.fmul(levels[0], scales[0]), builder.fmul(levels[1], scales[1])
+    wide = builder.zext(builder.load(ptr, align=1), LLVM_I32X16)    # nibbles: low = lanes 0..7, high = 8..15
+    nibbles = wide, builder.lshr(wide, _const_i32x16(4))
+    if isinstance(sig.args[2], types.Integer):
+        zero = context.cast(builder, args[2], sig.args[2], types.int32)
+        zeros = (_splat(builder, LLVM_I32X16, zero),) * 2
+    else:
+        zeros = builder.shuffle_vector(args[2], args[2], _LANES_0_7), builder.shuffle_vector(args[2], args[2], _LANES_8_15)
+    if lookup is None:
+        levels = [builder.sitofp(builder.sub(builder.and_(n, _const_i32x16(15)), z), LLVM_F32X16)
+                  for n, z in zip(nibbles, zeros)]
+    elif isinstance(sig.args[2], types.Integer):
+        table = builder.fsub(_LEVELS, builder.sitofp(zeros[0], LLVM_F32X16))
+        levels = [lookup(builder, table, n) for n in nibbles]
+    else:
+        levels = [builder.fsub(lookup(builder, _LEVELS, n), builder.sitofp(z, LLVM_F32X16))
+                  for n, z in zip(nibbles, zeros)]
+    return builder.fmul(levels[0], scales[0]), builder.fmul(levels[1], scales[1])
 
 
 def _prefetch(locality):
