@@ -31,10 +31,10 @@ Intrinsics (llvmlite has no ``bfloat`` or ``x86_amx`` type: ``_Named`` prints on
 - ``vdequant_bf16``: ``simd.vdequant`` with both roundings in one
   ``vcvtne2ps2bf16`` (``llvm.x86.avx512bf16.cvtne2ps2bf16.512``): 1 instruction where
   the portable integer rounding takes 10; the same round-to-nearest-even bits. Nibble
-  levels come from ``vpermps`` table lookups (``llvm.x86.avx512.permvar.sf.512``): 3
-  instructions fewer a decoded vector for int4_k2, 1 for int4_awq. Zen 5, 2 threads, 128 experts x
-  1 row, W [2048, 768], group 32, 3 alternated rounds: int4_k2 4.08-4.45 -> 3.71-4.17
-  ms, int4_awq 4.97-5.43 -> 4.78-5.38.
+  levels of int4_k2 (one zero point) come from ``vpermps`` table lookups
+  (``llvm.x86.avx512.permvar.sf.512``): 3 instructions fewer a decoded vector. Zen 5, 2
+  threads, 128 experts x 1 row, W [2048, 768], group 32, 3 alternated rounds: 4.08-4.45
+  -> 3.71-4.17 ms.
 - AMX tiles travel through Numba as ``<256 x i32>`` vectors (a 1 KiB tile), cast to
   ``x86_amx`` around each ``llvm.x86.*.internal`` intrinsic, as clang's ``__tile1024i``
   does; LLVM's AMX passes keep them in tile registers and emit ``ldtilecfg``. Every tile
