@@ -116,6 +116,10 @@ def test_every_route_compiles_to_its_instructions(fmt):
     assert asm[f"avx512_bf16/{fmt}"]["vdpbf16ps"] >= 16                # the 8 x 2 register tile
     amx = asm[f"amx/{fmt}"]
     assert amx["ldtilecfg"] and amx["tileloadd"] and amx["tdpbf16ps"] >= 4
+    if fmt == "int4_k2":    # its levels come from table lookups (isa.vdequant_bf16), no conversions
+        assert asm[f"avx512_bf16/{fmt}"]["vcvtdq2ps"] == 0 and amx["vcvtdq2ps"] == 0
+    elif fmt != "bf16":
+        assert asm[f"avx512_bf16/{fmt}"]["vcvtdq2ps"] and amx["vcvtdq2ps"]
 
 
 @pytest.mark.slow

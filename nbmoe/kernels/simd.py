@@ -505,23 +505,20 @@ def dequant_lanes(context, builder, sig, args, lookup=None):
     if _CODE_BITS[sig.args[0].dtype] == 8:          # int8: 32 signed bytes in lane order
         upper = lane_ptr(context, builder, sig.args[0], args[0], types.intp,
                          builder.add(at, ir.Constant(at.type, 8)), bytes16)
-        levels = [builder.sitofp(builder.sext(builder.load(p, align=1), LLVM_I32X16), LLVM_F32X16)
-                  for p in (ptr, upper)]
-        return builder.fmul(levels[0], scales[0]), builder.fmul(levels[1], scales[1])
+        return tuple(builder.fmul(builder.sitofp(builder.sext(builder.load(p, align=1), LLVM_I32X16), LLVM_F32X16), s)
+                     for p, s in zip((ptr, upper), scales))
     wide = builder.zext(builder.load(ptr, align=1), LLVM_I32X16)    # nibbles: low = lanes 0..7, high = 8..15
     nibbles = wide, builder.lshr(wide, _const_i32x16(4))
-    if isinstance(sig.args[2], types.Integer):
-        zero = context.cast(builder, args[2], sig.args[2], types.int32)
-        zeros = (_splat(builder, LLVM_I32X16, zero),) * 2
+    if isinstance(sig.args[2], types.Integer):      # one zero for all lanes
+        zero = _splat(builder, LLVM_I32X16, context.cast(builder, args[2], sig.args[2], types.int32))
+        zeros = zero, zero
+        if lookup is not None:
+            table = builder.fsub(_LEVELS, builder.sitofp(zero, LLVM_F32X16))
+            return tuple(builder.fmul(lookup(builder, table, n), s) for n, s in zip(nibbles, scales))
     else:
         zeros = builder.shuffle_vector(args[2], args[2], _LANES_0_7), builder.shuffle_vector(args[2], args[2], _LANES_8_15)
-    if lookup is not None and isinstance(sig.args[2], types.Integer):
-        table = builder.fsub(_LEVELS, builder.sitofp(zeros[0], LLVM_F32X16))
-        levels = [lookup(builder, table, n) for n in nibbles]
-    else:
-        levels = [builder.sitofp(builder.sub(builder.and_(n, _const_i32x16(15)), z), LLVM_F32X16)
-                  for n, z in zip(nibbles, zeros)]
-    return builder.fmul(levels[0], scales[0]), builder.fmul(levels[1], scales[1])
+    return tuple(builder.fmul(builder.sitofp(builder.sub(builder.and_(n, _const_i32x16(15)), z), LLVM_F32X16), s)
+                 for n, z, s in zip(nibbles, zeros, scales))
 
 
 def _prefetch(locality):
