@@ -706,7 +706,11 @@ def _rows_decoding(route, a, m, last, codes, flat, scales, zeros, group_pairs, e
 def _backward_panel(route, codes, flat, scales, zeros, group_pairs, e, p0, panel, tmp):
     """``panel`` [2 * Np/2 * 16] uint32 := the VNNI layout of ``W[e]^T`` for the 32 output
     columns ``2 p0 .. 2 p0 + 31``: block b, pair q, lane j holds ``(W[2q, 2 p0 + 16 b + j],
-    W[2q + 1, ...])``, each 16 x 16 block turned by ``vtranspose8``."""
+    W[2q + 1, ...])``, each 16 x 16 block turned by ``vtranspose8``. Zen 5, 2 threads: ~2 us
+    an item of W [1536, 2048] inside the backward (``bench/bench_panels.py``), ~12% of it at
+    64 rows an expert; built a K chunk at a time into L1, or a share of the next item's
+    panel per block of this one, it was no faster (the shuffles take the products' issue
+    slots: ``bench/RESULTS.md``, eleventh pass)."""
     NB, KP2 = codes.shape[1], codes.shape[2]
     q_pairs = NB * 8
     line = 64 // flat.itemsize
