@@ -2,7 +2,7 @@
 columns of the stored codes into a panel (``gemm._backward_panel``, 16 x 16 blocks through
 ``vtranspose8``) before its row blocks run; the forward reads bf16 in place.
 
-Prints (2 threads unless ``NUMBA_NUM_THREADS`` says otherwise, bf16, min of 5):
+Prints (2 threads unless ``NUMBA_NUM_THREADS`` says otherwise, bf16, median of 5 after a warm-up):
 
 - the panel builds alone, every item of the Qwen3-30B-A3B gate_up weight (W [1536, 2048]),
   with the codes read from DRAM (128 experts), from L3 (4), from L2 (K = 64) and from L1
@@ -13,13 +13,12 @@ Prints (2 threads unless ``NUMBA_NUM_THREADS`` says otherwise, bf16, min of 5):
 Run: ``python bench/bench_panels.py`` (``bench/RESULTS.md`` has the numbers).
 """
 
-import time
-
+import ml_dtypes
 import numba
 import numpy as np
 from numba import prange
 
-from nbmoe.bench import QWEN3_30B_A3B, routing
+from nbmoe.bench import QWEN3_30B_A3B, median_time, routing
 from nbmoe.config import JIT_PARALLEL
 from nbmoe.kernels import gemm
 from nbmoe.kernels.isa import choose_route
@@ -35,20 +34,14 @@ def _builds(route, codes, flat, tasks, bounds, panels, tmps, reps):
                                      tasks[i, 1] * gemm.TILE_N // 2, panels[c], tmps[c])
 
 
-def weights(E, N, K, seed=0):
-    rng = np.random.default_rng(seed)
-    bits = (rng.standard_normal((E, N, K), dtype=np.float32) * 0.02).view(np.uint32) >> 16
-    return gemm.PackedWeight([bits.astype(np.uint16)], "bf16")
+def bf16_bits(shape, seed):
+    """Random bf16 values ~ N(0, 1) as their uint16 bits."""
+    values = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    return values.astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
-def best_s(fn, repeat=5):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def weights(E, N, K):
+    return gemm.PackedWeight([bf16_bits((E, N, K), 0)], "bf16")
 
 
 def builds(route, E, N, K, reps):
@@ -57,7 +50,7 @@ def builds(route, E, N, K, reps):
     tasks, bounds = gemm.make_tasks(np.arange(E + 1) * 64, np.arange(E), K // gemm.TILE_N, threads)
     panels = np.zeros((threads, N * gemm.LANES), np.uint32)
     tmps = np.zeros((threads, gemm.TMP), np.uint32)
-    t = best_s(lambda: _builds(route, w.codes, w.codes.reshape(-1), tasks, bounds, panels, tmps, reps)) / reps
+    t = median_time(lambda: _builds(route, w.codes, w.codes.reshape(-1), tasks, bounds, panels, tmps, reps), 5) / reps
     per_item = t * threads / tasks.shape[0]
     return per_item, per_item / (2 * N // gemm.LANES)
 
@@ -69,13 +62,13 @@ def products(route, T=1024):
     offsets[1:] = np.cumsum(np.bincount(ids.ravel(), minlength=E))
     P, N, K = int(offsets[-1]), 2 * I, H
     w = weights(E, N, K)
-    rng = np.random.default_rng(1)
     no_lora = np.zeros((P, 0), np.float32), np.zeros((E, 0, N + K), np.float32)
     for transposed, width, cols in ((False, K, N), (True, N, K)):
-        a = (rng.standard_normal((P + gemm.ROW_SLACK, width), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        a = bf16_bits((P + gemm.ROW_SLACK, width), 1)
         out = np.zeros((P, cols), np.float32)
-        t = best_s(lambda: gemm.grouped_gemm(route, a.view(np.uint32), w, offsets, np.arange(E), *no_lora, cols,
-                                             np.float32(0), out, np.zeros((0, 0), np.uint16), transposed=transposed))
+        t = median_time(lambda: gemm.grouped_gemm(route, a.view(np.uint32), w, offsets, np.arange(E), *no_lora, cols,
+                                                  np.float32(0), out, np.zeros((0, 0), np.uint16),
+                                                  transposed=transposed), 5)
         print(f"grouped_gemm by {'W^T' if transposed else 'W  '} of [{N}, {K}], {P} rows over {E} experts: "
               f"{1e3 * t:7.2f} ms, {2 * P * N * K / t / 1e9:5.0f} GFLOP/s", flush=True)
 

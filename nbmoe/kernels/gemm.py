@@ -659,7 +659,7 @@ def _ahead_item(codes, flat, scales, zeros, e, tile):
         for i in range(0, 2 * G * LANES, 64 // scales.itemsize):
             prefetch_l2(scales, s0 + i)
         if zeros.size:
-            for i in range(0, 2 * G * LANES, 64):
+            for i in range(0, 2 * G * LANES, 64 // zeros.itemsize):
                 prefetch_l2(zeros, s0 + i)
 
 
