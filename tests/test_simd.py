@@ -10,9 +10,9 @@ from numba import njit
 from nbmoe.kernels import isa
 from nbmoe.kernels.isa import vdequant_bf16
 from nbmoe.scratch import zeros as aligned_zeros
-from nbmoe.kernels.simd import (bf16_to_f32, f32_to_bf16, vdequant, vfma, vhsum, vload, vload_bf16, vload_u8,
-                                vpair_hi, vpair_lo, vsplat, vsplat_at, vput, vstore, vstore_bf16, vtranspose8,
-                                vtranspose16, vzero)
+from nbmoe.kernels.simd import (bf16_to_f32, f32_to_bf16, vcopy_line, vdequant, vfma, vhsum, vload, vload_bf16,
+                                vload_u8, vpair_hi, vpair_lo, vsplat, vsplat_at, vput, vstore, vstore_bf16,
+                                vtranspose8, vtranspose16, vzero)
 
 
 @njit
@@ -204,3 +204,24 @@ def test_put_past_the_caches_stores_what_vstore_and_vstore_bf16_store():
     assert np.array_equal(outs[0], x, equal_nan=True)
     assert np.array_equal(outs[2].view(np.uint32), outs[0].view(np.uint32))
     assert np.array_equal(outs[3], outs[1]) and np.array_equal(outs[1], x.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+@njit
+def _copy_lines(src, dst, at, stream):
+    for i in range(0, src.size, 64 // src.itemsize):
+        vcopy_line(src, i, dst, at + i, stream)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16])
+@pytest.mark.parametrize("stream", [False, True])
+def test_copy_line_moves_the_bits_of_whole_lines(dtype, stream):
+    """64 bytes a call, bits as they are (NaN payloads included), to an aligned line past
+    the caches or to any offset through them; nothing outside the lines is touched."""
+    bits = np.random.default_rng(1).integers(0, 2**32, 64, dtype=np.uint32)
+    bits[:4] = [0x7FC00001, 0xFF800000, 0x00000001, 0x7F800001]          # NaN payloads, -inf, denormal
+    src = bits.view(dtype)
+    at = 0 if stream else 3                                               # a non-temporal store needs alignment
+    dst = aligned_zeros((src.size + 64 // src.itemsize,), dtype)
+    _copy_lines(src, dst, at, stream)
+    assert np.array_equal(dst[at:at + src.size].view(np.uint16), src.view(np.uint16))
+    assert not np.any(dst[:at]) and not np.any(dst[at + src.size:])

@@ -282,6 +282,30 @@ def vput(typingctx, arr, i, v, stream):
 
 
 @intrinsic
+def vcopy_line(typingctx, src, i, dst, j, stream):
+    """Copy one 64-byte line, ``src.flat[i:]`` to ``dst.flat[j:]`` (C arrays of one dtype,
+    float32 or uint16: 16 or 32 elements), the bits as they are; with ``stream``, past
+    the caches (a non-temporal store, ``dst`` then aligned to 64 bytes)."""
+    if not (isinstance(src, types.Array) and src.layout == "C" and src.dtype in (types.float32, types.uint16)
+            and isinstance(dst, types.Array) and dst.layout == "C" and dst.dtype == src.dtype
+            and isinstance(i, types.Integer) and isinstance(j, types.Integer) and isinstance(stream, types.Boolean)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        line = builder.load(lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], LLVM_I32X16),
+                            align=src.dtype.bitwidth // 8)
+        ptr = lane_ptr(context, builder, sig.args[2], args[2], sig.args[3], args[3], LLVM_I32X16)
+        with builder.if_else(args[4]) as (past, plain):
+            with past:
+                store = builder.store(line, ptr, align=64)
+                store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
+            with plain:
+                builder.store(line, ptr, align=dst.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+    return types.none(src, i, dst, j, stream), codegen
+
+
+@intrinsic
 def f32_from_bits(typingctx, x):
     """Reinterpret the low 32 bits of an integer as float32."""
     if not isinstance(x, types.Integer):
