@@ -173,6 +173,37 @@ def test_outputs_stored_past_the_caches_hold_the_same_bits(route, monkeypatch):
         assert np.array_equal(out32, outs[0][0]) and np.array_equal(out16, outs[0][1])
 
 
+@pytest.mark.parametrize("route", ROUTE_PARAMS)
+@pytest.mark.parametrize("K", [96, 640])
+def test_held_rows_store_the_bits_of_direct_stores(route, K, monkeypatch):
+    """Blocks that hold their rows for the next block to store (``HOLD_PAIRS``; avx512_bf16)
+    write the bits of blocks that store at once, in both directions and for every set of
+    outputs: at K = 640 every held line is stored inside the next K loop, at 96 most after
+    it, and the thread's last block's at the end of its run; rows past P stay untouched."""
+    rng = np.random.default_rng(K)
+    N, R = 64, 16
+    counts = np.array([0, 1, 3, 40, 9, 12, 8, 24])           # tails, clamped, 8- and 12-row blocks
+    offsets, P, active, slot_of_expert, _, packed, a = _problem(rng, counts, 1, N, K)
+    at = rng.standard_normal((P + ROW_SLACK, N)).astype(BF16).view(np.uint16)
+    lora_l = rng.standard_normal((P, R)).astype(np.float32)
+    ups = {False: rng.standard_normal((len(counts), R, N + 16)).astype(np.float32),
+           True: rng.standard_normal((len(counts), R, padded(K) + 16)).astype(np.float32)}
+    for transposed, rows, cols in ((False, a, N), (True, at, padded(K))):
+        for outputs in ("32", "16", "32 16"):
+            outs = []
+            for hold_pairs in (0, 1 << 20):                  # never hold, always hold
+                monkeypatch.setattr(gemm, "HOLD_PAIRS", hold_pairs)
+                out32 = np.full((P + 2, cols), np.nan, np.float32) if "32" in outputs else np.zeros((0, 0), np.float32)
+                out16 = np.full((P + 2, cols), 0xFFFF, np.uint16) if "16" in outputs else np.zeros((0, 0), np.uint16)
+                grouped_gemm(isa.Route(route, ""), rows.view(np.uint32), packed, offsets, slot_of_expert, lora_l,
+                             ups[transposed], cols, np.float32(0.5), out32, out16, transposed=transposed)
+                outs.append((out32, out16))
+            (direct32, direct16), (held32, held16) = outs
+            assert np.array_equal(direct32, held32, equal_nan=True) and np.array_equal(direct16, held16)
+            assert not np.any(np.isnan(direct32[:P])) and np.all(np.isnan(direct32[P:]))
+            assert np.all(direct16[P:] == 0xFFFF) and not np.any(direct16[:P] == 0xFFFF)
+
+
 @numba.njit
 def _blocks(route, n, transposed):
     """The row counts ``block_take`` gives the blocks of an expert of ``n`` rows, in order."""

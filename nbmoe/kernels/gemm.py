@@ -70,8 +70,10 @@ heavy expert. ``prange`` runs over the runs; each owns a row of the per-thread s
 (``thread_scratch``). The item walks its expert's rows a block at a time; each route's
 ``_block`` keeps its accumulators in registers (vector or tile) over all of K, then runs
 the shared epilogue (``_finish4`` on four register rows at a time, ``_finish_row`` on
-one): the LoRA term, then the stores. Each output element is written by exactly one
-item, summed in a fixed order: results do not depend on the thread count or the cut.
+one): the LoRA term, then the stores - or, where avx512_bf16 writes densely through the
+caches, held in the thread's scratch for its next block to store during its K loop
+(``HOLD_PAIRS``). Each output element is written by exactly one item, summed in a fixed
+order: results do not depend on the thread count or the cut.
 
 Routes slot in through ``_block`` and ``block_take``: one ``@overload`` per route.
 """
@@ -88,7 +90,8 @@ from ..config import JIT, JIT_PARALLEL
 from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdequant_bf16, vdpbf16
 from .schedule import balanced
 from .simd import (LANES, f32_from_bits, prefetch, prefetch_l2, vdequant, vfma2, vload, vload_bf16, vload_u8,
-                   vpair_hi, vpair_lo, vput, vsplat, vsplat_pair, vstore, vtranspose8, vtranspose16, vzero)
+                   vcopy_line, vpair_hi, vpair_lo, vput, vsplat, vsplat_pair, vstore, vtranspose8, vtranspose16,
+                   vzero)
 
 PAD = 32          # N and K padding: two vectors of output, one AMX tile of K
 TILE_N = 32       # output columns per work item (two 16-lane vectors, two AMX tiles)
@@ -137,9 +140,10 @@ def padded(n):
 @njit(inline="always", **JIT)
 def _store_row(m, n0, c0, c1, out):
     """Store one output row's 32 columns as fp32 and/or bf16; ``out`` = (out32, out16,
-    stream32, stream16): an output with its flag set is stored past the caches
-    (``vput``; ``grouped_gemm`` says when)."""
-    out32, out16, stream32, stream16 = out
+    stream32, stream16, hold): an output with its flag set is stored past the caches
+    (``vput``; ``grouped_gemm`` says when); ``hold``: whether avx512_bf16's blocks hold
+    their rows for the next block to store (``HOLD_PAIRS``)."""
+    out32, out16, stream32, stream16, _ = out
     if out32.size:
         at = m * out32.shape[1] + n0
         vput(out32, at, c0, stream32)
@@ -163,10 +167,10 @@ def _finish_row(m, n0, c0, c1, lora, out):
 
 
 @njit(inline="always", **JIT)
-def _finish4(r0, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, lora, out):
-    """Epilogue of four rows of a register block: the LoRA term up-factor row outer (each
-    row of the up factor loaded once for the four, four independent FMA chains), then the
-    stores; per element the same sums in the same order as ``_finish_row``."""
+def _lora4(r0, r1, r2, r3, c00, c01, c10, c11, c20, c21, c30, c31, lora):
+    """The LoRA term of four rows of a register block: each row of the up factor loaded
+    once for the four, four independent FMA chains; per element the same sums in the same
+    order as ``_finish_row``."""
     lora_l, l0, up, at, ld, R, scale = lora
     for q in range(R):
         b0, b1 = vload(up, at + q * ld), vload(up, at + q * ld + LANES)
@@ -174,10 +178,117 @@ def _finish4(r0, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, lora, o
         c10, c11 = vfma2(vsplat(scale * lora_l[r1, l0 + q]), b0, b1, c10, c11)
         c20, c21 = vfma2(vsplat(scale * lora_l[r2, l0 + q]), b0, b1, c20, c21)
         c30, c31 = vfma2(vsplat(scale * lora_l[r3, l0 + q]), b0, b1, c30, c31)
+    return c00, c01, c10, c11, c20, c21, c30, c31
+
+
+@njit(inline="always", **JIT)
+def _finish4(r0, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, lora, out):
+    """Epilogue of four rows of a register block: the LoRA term (``_lora4``), then the stores."""
+    c00, c01, c10, c11, c20, c21, c30, c31 = _lora4(r0, r1, r2, r3, c00, c01, c10, c11, c20, c21, c30, c31, lora)
     _store_row(r0, n0, c00, c01, out)
     _store_row(r1, n0, c10, c11, out)
     _store_row(r2, n0, c20, c21, out)
     _store_row(r3, n0, c30, c31, out)
+
+
+# A block stores its rows when its K loop ends; through the caches each line is first read
+# for ownership, and a burst of them stalls the block. The forward down (fp32 and bf16 out:
+# 3 lines a row per 384 K pairs) ran at 80% of the forward gate_up's rate, 89% with its
+# outputs written to 64 L2-resident rows. So where a block writes at least one line per
+# ``HOLD_PAIRS`` K pairs of a row and some output goes through the caches, avx512_bf16
+# holds its results in the thread's scratch (``_hold4``), already rounded, and the
+# thread's next block stores them, a line every ``DRAIN_STEPS`` of its K steps
+# (``_drain_step``; what a short K loop leaves, and the run's last block's, after it:
+# ``_drain_rest``). Zen 5, 2 threads, Qwen3-30B-A3B layer, old and new alternated in one
+# process (medians of 12-20 runs, bit-identical): T=1024 forward down 36.2 -> 34.1 ms (its
+# fp32 out past the caches, bf16 through them), T=512 22.2 -> 20.9; the GEMM alone, both
+# outputs through the caches (W [2048, 768], the rows of T=1024) 39.6-40.8 -> 34.9-37.1,
+# int8 40.4 -> 36.0. With every output past the caches it lost (T=2048: 62.8 -> 65.8), as
+# did sparse writers (backward gate_up, 2 lines per 768 pairs: 75.8 -> 78.0): they store
+# at once. DRAIN_STEPS 4 and 16 the same as 8; 32 no gain (the lines outlast the loop).
+DRAIN_STEPS = 8
+HOLD_PAIRS = 256
+
+
+@njit(inline="always", **JIT)
+def _hold4(rows, slot, n0, c, lora, held, out):
+    """``_finish4`` of four ``rows`` (``_dp4``'s accumulators ``c``) into held rows ``slot
+    .. slot + 3`` of the thread's ``held`` = (fp32 values [>= 12 * 32], their bf16 bits
+    [12 * 32] uint16, ids [2 + 12] int64: count, n0, rows) in place of the outputs: rounded
+    here, so the drain copies lines; rounding in the K loop kept its constants in
+    registers, and an accumulator went to the stack."""
+    c = _lora4(rows[0], rows[1], rows[2], rows[3], c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], lora)
+    _hold_row(held, slot, c[0], c[1], out)
+    _hold_row(held, slot + 1, c[2], c[3], out)
+    _hold_row(held, slot + 2, c[4], c[5], out)
+    _hold_row(held, slot + 3, c[6], c[7], out)
+    ids = held[2]
+    _note(ids, 1, n0)
+    _note(ids, 2 + slot, rows[0])
+    _note(ids, 3 + slot, rows[1])
+    _note(ids, 4 + slot, rows[2])
+    _note(ids, 5 + slot, rows[3])
+
+
+@njit(**JIT)
+def _note(ids, i, value):
+    """``ids[i] = value`` for the held row ids, as a call: written as an item assignment in
+    the ``prange`` body (inlined), the stores of rows vanished and every held row went to
+    row 0 (Numba 0.68.1; its dead-code pass for parallel loops does not see the ``view``
+    of the thread's scratch as an alias of it). Calls it keeps; LLVM inlines them."""
+    ids[i] = value
+
+
+@njit(inline="always", **JIT)
+def _hold_row(held, slot, c0, c1, out):
+    """One row's 32 columns into held row ``slot``: the fp32 values and/or their bf16
+    bits, as ``out`` has them."""
+    vals, vals16 = held[0], held[1]
+    at = slot * TILE_N
+    if out[0].size:
+        vstore(vals, at, c0)
+        vstore(vals, at + LANES, c1)
+    if out[1].size:
+        vput(vals16, at, c0, False)
+        vput(vals16, at + LANES, c1, False)
+
+
+@njit(inline="always", **JIT)
+def _lines(out32, out16):
+    """Lines one row of 32 columns stores: two of fp32, one of bf16."""
+    return 2 * (out32.size > 0) + (out16.size > 0)
+
+
+@njit(inline="always", **JIT)
+def _drain_line(vals, vals16, ids, i, out32, out16, stream32, stream16):
+    """Store held line ``i``: of row ``i // _lines``, an fp32 half or the bf16 row. The
+    arrays come unpacked: a tuple unpacked in the K loop took a reference count call there."""
+    per = _lines(out32, out16)
+    r, kind = i // per, i % per if out32.size else 2
+    m, at = ids[2 + r], r * TILE_N
+    if kind < 2:
+        vcopy_line(vals, at + kind * LANES, out32, m * out32.shape[1] + ids[1] + kind * LANES, stream32)
+    else:
+        vcopy_line(vals16, at, out16, m * out16.shape[1] + ids[1], stream16)
+
+
+@njit(inline="always", **JIT)
+def _drain_step(vals, vals16, ids, p, out32, out16, stream32, stream16):
+    """At K step ``p``, the held line it is due, if any."""
+    if p % DRAIN_STEPS == 0:
+        i = p // DRAIN_STEPS
+        if i < _lines(out32, out16) * ids[0]:
+            _drain_line(vals, vals16, ids, i, out32, out16, stream32, stream16)
+
+
+@njit(inline="always", **JIT)
+def _drain_rest(held, steps, out):
+    """The held lines ``steps`` K steps of ``_drain_step`` did not store; none held after."""
+    vals, vals16, ids = held
+    out32, out16, stream32, stream16, _ = out
+    for i in range((steps + DRAIN_STEPS - 1) // DRAIN_STEPS, _lines(out32, out16) * ids[0]):
+        _drain_line(vals, vals16, ids, i, out32, out16, stream32, stream16)
+    _note(ids, 0, 0)
 
 
 @njit(inline="always", **JIT)
@@ -251,11 +362,12 @@ def _decoding_rows(route):
     return lambda route: rows
 
 
-def _block(route, a, m, last, rows, w, w0, k2, n0, lora, out, scratch, pf, plan):
+def _block(route, a, m, last, rows, w, w0, k2, n0, lora, out, held, pf, plan):
     """Rows ``m .. m + rows - 1`` (those ``<= last``; ``rows`` from ``block_take``) of ``a`` (uint32 bf16 pairs)
     times the two 16-column blocks of packed weights at flat offset ``w0``, through the
     epilogue. Rows past ``last`` may be read (``ROW_SLACK``), never written.
-    ``scratch`` [SCRATCH] float32 is the calling thread's own. Meanwhile it hints the
+    ``held`` = (results [SCRATCH] float32, bf16 bits, ids) is the calling thread's own:
+    ``amx``'s tile results, the rows avx512_bf16 holds (``_hold4``). Meanwhile it hints the
     lines of ``plan`` of ``pf`` into cache (``_hint``)."""
 
 
@@ -344,14 +456,14 @@ def _tail_rows(route, a, m, last, w, w0, k2, n0, lora, out):
 
 
 @overload(_block, jit_options=JIT, inline="always")
-def _block_fma(route, a, m, last, rows, w, w0, k2, n0, lora, out, scratch, pf, plan):
+def _block_fma(route, a, m, last, rows, w, w0, k2, n0, lora, out, held, pf, plan):
     """generic / avx512: widen each weight pair to two fp32 vectors once per step, 2 FMAs
     per row; 4 rows x 32 columns = 8 accumulators (fits 16 registers of any vector ISA).
     Fewer rows than a block go to ``_tail_rows``."""
     if route.route not in ("generic", "avx512"):
         return None
 
-    def impl(route, a, m, last, rows, w, w0, k2, n0, lora, out, scratch, pf, plan):
+    def impl(route, a, m, last, rows, w, w0, k2, n0, lora, out, held, pf, plan):
         w1 = w0 + k2 * LANES
         if last - m + 1 < MR:
             _hints(pf, plan, 0)
@@ -410,43 +522,69 @@ def _rows4(m, last):
     return m, min(m + 1, last), min(m + 2, last), min(m + 3, last)
 
 
+@njit(inline="always", **JIT)
+def _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, wide, drain):
+    """avx512_bf16's K loop: the accumulators (``_dp4``'s, four rows each) of ``rows0``,
+    ``rows1`` and, ``wide``, ``rows2``; with ``drain`` it stores the lines the thread's
+    block before held (``_drain_step``)."""
+    vals, vals16, ids = held
+    out32, out16, stream32, stream16, _ = out
+    w1 = w0 + k2 * LANES
+    z = vzero()
+    c0 = c1 = c2 = (z, z, z, z, z, z, z, z)
+    for p in range(k2):
+        b0, b1 = _step_pairs(w, w0, w1, p, pf, plan)
+        if drain:
+            _drain_step(vals, vals16, ids, p, out32, out16, stream32, stream16)
+        c0, c1 = _dp4(a, p, rows0, b0, b1, c0), _dp4(a, p, rows1, b0, b1, c1)
+        if wide:
+            c2 = _dp4(a, p, rows2, b0, b1, c2)
+    _hints(pf, plan, k2)
+    return c0, c1, c2
+
+
 @overload(_block, jit_options=JIT, inline="always")
-def _block_bf16(route, a, m, last, rows, w, w0, k2, n0, lora, out, scratch, pf, plan):
+def _block_bf16(route, a, m, last, rows, w, w0, k2, n0, lora, out, held, pf, plan):
     """avx512_bf16: one ``vdpbf16ps`` per row and 16 columns per K pair, the row's pair
     broadcast; 8 rows x 32 columns = 16 accumulators of the 32 zmm registers, or 12 rows
     = 24 where ``block_take`` gives 12 (``rows``). A tail of ``CLAMP_ROWS`` or more rows
-    repeats its last row to fill the block; fewer go to ``_tail_rows``."""
+    repeats its last row to fill the block; fewer go to ``_tail_rows``. Where ``out``
+    says so, the block holds its rows for the next one to store (``HOLD_PAIRS``)."""
     if route.route != "avx512_bf16":
         return None
 
-    def impl(route, a, m, last, rows, w, w0, k2, n0, lora, out, scratch, pf, plan):
+    def impl(route, a, m, last, rows, w, w0, k2, n0, lora, out, held, pf, plan):
         if last - m + 1 < CLAMP_ROWS:
             _hints(pf, plan, 0)
             _tail_rows(route, a, m, last, w, w0, k2, n0, lora, out)
             return
-        w1 = w0 + k2 * LANES
-        z = vzero()
-        c0 = c1 = c2 = (z, z, z, z, z, z, z, z)
         rows0, rows1, rows2 = _rows4(m, last), _rows4(min(m + 4, last), last), _rows4(min(m + 8, last), last)
-        if rows == MR_WIDE:
-            for p in range(k2):
-                b0, b1 = _step_pairs(w, w0, w1, p, pf, plan)
-                c0, c1 = _dp4(a, p, rows0, b0, b1, c0), _dp4(a, p, rows1, b0, b1, c1)
-                c2 = _dp4(a, p, rows2, b0, b1, c2)
-            _hints(pf, plan, k2)
-            _finish_rows4(rows2, n0, c2, lora, out)
+        hold = out[4]
+        if rows == MR_WIDE and hold:                # constant flags: one loop each, no test in it
+            c = _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, True, True)
+        elif rows == MR_WIDE:
+            c = _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, True, False)
+        elif hold:
+            c = _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, False, True)
         else:
-            for p in range(k2):
-                b0, b1 = _step_pairs(w, w0, w1, p, pf, plan)
-                c0, c1 = _dp4(a, p, rows0, b0, b1, c0), _dp4(a, p, rows1, b0, b1, c1)
-            _hints(pf, plan, k2)
-        _finish_rows4(rows0, n0, c0, lora, out)
-        _finish_rows4(rows1, n0, c1, lora, out)
+            c = _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, False, False)
+        if hold:
+            _drain_rest(held, k2, out)
+            _hold4(rows0, 0, n0, c[0], lora, held, out)
+            _hold4(rows1, 4, n0, c[1], lora, held, out)
+            if rows == MR_WIDE:
+                _hold4(rows2, 8, n0, c[2], lora, held, out)
+            _note(held[2], 0, rows)
+        else:
+            _finish_rows4(rows0, n0, c[0], lora, out)
+            _finish_rows4(rows1, n0, c[1], lora, out)
+            if rows == MR_WIDE:
+                _finish_rows4(rows2, n0, c[2], lora, out)
     return impl
 
 
 @overload(_block, jit_options=JIT, inline="always")
-def _block_amx(route, a, m, last, rows, w, w0, k2, n0, lora, out, scratch, pf, plan):
+def _block_amx(route, a, m, last, rows, w, w0, k2, n0, lora, out, held, pf, plan):
     """amx: 2 x 2 tiles of 16 x 16 fp32 (32 rows x 32 columns) over K in steps of 32:
     per step 2 A tiles (16 rows x 32 bf16) and 2 B tiles (16 pairs x 16 columns: 1 KiB
     contiguous in the packed layout), 4 ``tdpbf16ps``; 8 tile registers. A block of at
@@ -455,7 +593,8 @@ def _block_amx(route, a, m, last, rows, w, w0, k2, n0, lora, out, scratch, pf, p
     if route.route != "amx":
         return None
 
-    def impl(route, a, m, last, rows, w, w0, k2, n0, lora, out, scratch, pf, plan):
+    def impl(route, a, m, last, rows, w, w0, k2, n0, lora, out, held, pf, plan):
+        scratch = held[0]
         base, first, count, shift, stride, step, _ = plan
         l2 = (base, first, count, shift, stride, step, False)
         ld = a.shape[1]
@@ -732,6 +871,8 @@ def _backward_panel(route, codes, flat, scales, zeros, group_pairs, e, p0, panel
 HINT_BLOCKS = 2
 ONE_RUN = 62       # the ``_hint`` shift of a list that is one run: i >> 62 == 0 for any line
 SCRATCH = MR_AMX * TILE_N          # words of a thread's AMX block results (float32)
+HELD16 = MR_WIDE * TILE_N          # the words of held rows' bf16 bits in them, then of their ids
+HELD_IDS = HELD16 + MR_WIDE * TILE_N // 2
 # Backward panels: prefetch distance in 16-row blocks. Zen 4, 2 threads, 128 experts x 1
 # row, W^T of [1536, 2048] bf16: 77 ms without prefetch, 50 with 2 or 4 blocks, 48 with 8.
 PREFETCH_BLOCKS = 4
@@ -758,6 +899,11 @@ def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed,
     for c in prange(bounds.shape[0] - 1):
         own = scratch[c]                                    # this run's scratch: no sharing
         results = own[:SCRATCH].view(np.float32)
+        # held rows (avx512_bf16, ``hold``) in the words amx keeps its tile results in:
+        # fp32 values, bf16 bits, then the ids (count, n0, rows: 2 + MR_WIDE int64)
+        held = (results, own[HELD16:HELD16 + MR_WIDE * TILE_N // 2].view(np.uint16),
+                own[HELD_IDS:HELD_IDS + 2 * (2 + MR_WIDE)].view(np.int64))
+        _note(held[2], 0, 0)
         tmp = own[SCRATCH:SCRATCH + TMP]
         panel = own[SCRATCH + TMP:at_tile]
         tile = own[at_tile:].view(np.float32)
@@ -790,8 +936,10 @@ def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed,
                 first = lines * j // blocks
                 plan = (base, first, lines * (j + 1) // blocks - first, shift, stride, 64 // flat.itemsize, transposed)
                 take = block_take(route, last - m + 1, transposed)
-                _block(route, a, m, last, take, src, w0, k2, n0, lora, out, results, flat, plan)
+                _block(route, a, m, last, take, src, w0, k2, n0, lora, out, held, flat, plan)
                 m += take
+        if out[4]:
+            _drain_rest(held, 0, out)
 
 
 def _cache_bytes():
@@ -843,9 +991,13 @@ def grouped_gemm(route, a, w, offsets, slot_of_expert, lora_l, lora_r, group_n, 
     tile = ups[0].shape[2] * TILE_N if turned else 0
     scratch = thread_scratch(SCRATCH + TMP + 2 * k2 * LANES + tile)
     tasks, bounds = make_tasks(offsets, slot_of_expert, tiles, scratch.shape[0])
+    stream32, stream16 = streams(out32, offsets[-1]), streams(out16, offsets[-1])
+    cached = (out32.size and not stream32) or (out16.size and not stream16)
+    lines = 2 * bool(out32.size) + bool(out16.size)                # a row's lines of 64 bytes
+    hold = route.name == "avx512_bf16" and bool(cached) and lines * HOLD_PAIRS >= k2
     _grouped_gemm(route, a, w.codes, w.codes.reshape(-1), w.scales, w.zeros, w.group_pairs, transposed, offsets,
                   slot_of_expert, tasks, bounds, lora_l, ups, turned, group_n, scale,
-                  (out32, out16, streams(out32, offsets[-1]), streams(out16, offsets[-1])), scratch)
+                  (out32, out16, stream32, stream16, hold), scratch)
 
 
 @njit(**JIT_PARALLEL)

@@ -26,13 +26,13 @@ def array(dtype, ndim):
 def signature(route, fmt):
     codes, scales, zeros = FORMATS[fmt]
     # _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed, offsets, slot_of_expert,
-    #               tasks, bounds, lora_l, ups, turned, group_n, scale, (out32, out16, stream32, stream16),
-    #               scratch)
+    #               tasks, bounds, lora_l, ups, turned, group_n, scale, (out32, out16, stream32, stream16,
+    #               hold), scratch)
     return (RouteType(route), array(types.uint32, 2), array(codes, 4), array(codes, 1), array(scales, 4),
             array(zeros, 4), types.int64, types.boolean, array(types.int64, 1), array(types.int64, 1),
             array(types.int64, 2), array(types.int64, 1), array(types.float32, 2),
             types.UniTuple(array(types.float32, 3), 2), types.boolean, types.int64, types.float32,
-            types.Tuple((array(types.float32, 2), array(types.uint16, 2), types.boolean, types.boolean)),
+            types.Tuple((array(types.float32, 2), array(types.uint16, 2), types.boolean, types.boolean, types.boolean)),
             array(types.uint32, 2))
 
 
