@@ -70,9 +70,9 @@ heavy expert. ``prange`` runs over the runs; each owns a row of the per-thread s
 (``thread_scratch``). The item walks its expert's rows a block at a time; each route's
 ``_block`` keeps its accumulators in registers (vector or tile) over all of K, then runs
 the shared epilogue (``_finish4`` on four register rows at a time, ``_finish_row`` on
-one): the LoRA term, then the stores - or, where avx512_bf16 writes densely through the
-caches, held in the thread's scratch for its next block to store during its K loop
-(``HOLD_PAIRS``). Each output element is written by exactly one item, summed in a fixed
+one): the LoRA term, then the stores. avx512_bf16's register blocks put their rows in the
+thread's scratch (``_hold4``) and store them from there: at once, or, where they write
+densely through the caches, during the K loop of the thread's next block (``HOLD_PAIRS``). Each output element is written by exactly one item, summed in a fixed
 order: results do not depend on the thread count or the cut.
 
 Routes slot in through ``_block`` and ``block_take``: one ``@overload`` per route.
@@ -194,18 +194,21 @@ def _finish4(r0, r1, r2, r3, n0, c00, c01, c10, c11, c20, c21, c30, c31, lora, o
 # A block stores its rows when its K loop ends; through the caches each line is first read
 # for ownership, and a burst of them stalls the block. The forward down (fp32 and bf16 out:
 # 3 lines a row per 384 K pairs) ran at 80% of the forward gate_up's rate, 89% with its
-# outputs written to 64 L2-resident rows. So where a block writes at least one line per
-# ``HOLD_PAIRS`` K pairs of a row and some output goes through the caches, avx512_bf16
-# holds its results in the thread's scratch (``_hold4``), already rounded, and the
-# thread's next block stores them, a line every ``DRAIN_STEPS`` of its K steps
-# (``_drain_step``; what a short K loop leaves, and the run's last block's, after it:
-# ``_drain_rest``). Zen 5, 2 threads, Qwen3-30B-A3B layer, old and new alternated in one
-# process (medians of 12-20 runs, bit-identical): T=1024 forward down 36.2 -> 34.1 ms (its
-# fp32 out past the caches, bf16 through them), T=512 22.2 -> 20.9; the GEMM alone, both
-# outputs through the caches (W [2048, 768], the rows of T=1024) 39.6-40.8 -> 34.9-37.1,
-# int8 40.4 -> 36.0. With every output past the caches it lost (T=2048: 62.8 -> 65.8), as
-# did sparse writers (backward gate_up, 2 lines per 768 pairs: 75.8 -> 78.0): they store
-# at once. DRAIN_STEPS 4 and 16 the same as 8; 32 no gain (the lines outlast the loop).
+# outputs written to 64 L2-resident rows. So avx512_bf16's register blocks put their
+# results, LoRA added and rounded, in the thread's scratch (``_hold4``), and where a block
+# writes at least one line per ``HOLD_PAIRS`` K pairs of a row and some output goes through
+# the caches, they stay held there: the thread's next 12-row block stores them, a line
+# every ``DRAIN_STEPS`` of its K steps (``_drain_step``); what it leaves, and what other
+# blocks would, is stored after the K loop (``_drain_rest``), and otherwise at once. Zen 5,
+# 2 threads, Qwen3-30B-A3B layer, old and new alternated in one process (medians of 12-20
+# runs, bit-identical): T=1024 forward down 36.2 -> 34.1 ms and 32.2 -> 30.5 (its fp32 out
+# past the caches, bf16 through them), T=512 22.2 -> 20.9; the GEMM alone, both outputs
+# through the caches (W [2048, 768], the rows of T=1024) 39.6-40.8 -> 34.9-37.1, int8 40.4
+# -> 36.0. With every output past the caches it lost (T=2048: 62.8 -> 65.8), as did sparse
+# writers (backward gate_up, 2 lines per 768 pairs: 75.8 -> 78.0): they store at once. The
+# drain's test in the 8-row blocks' K loop, where the backward runs, cost its gate_up 1.2
+# ms (68.1 -> 69.3); one epilogue for stored and held rows, not two, took the kernel's
+# compile from 46 to 34 s. DRAIN_STEPS 4 and 16 the same as 8; 32 no gain.
 DRAIN_STEPS = 8
 HOLD_PAIRS = 256
 
@@ -511,22 +514,16 @@ def _step_pairs(w, w0, w1, p, pf, plan):
 
 
 @njit(inline="always", **JIT)
-def _finish_rows4(rows, n0, c, lora, out):
-    """``_finish4`` of four ``rows`` and their accumulators ``c`` (``_dp4``'s order)."""
-    _finish4(rows[0], rows[1], rows[2], rows[3], n0, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], lora, out)
-
-
-@njit(inline="always", **JIT)
 def _rows4(m, last):
     """Rows ``m .. m + 3``, those past ``last`` clamped to it."""
     return m, min(m + 1, last), min(m + 2, last), min(m + 3, last)
 
 
 @njit(inline="always", **JIT)
-def _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, wide, drain):
+def _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, wide):
     """avx512_bf16's K loop: the accumulators (``_dp4``'s, four rows each) of ``rows0``,
-    ``rows1`` and, ``wide``, ``rows2``; with ``drain`` it stores the lines the thread's
-    block before held (``_drain_step``)."""
+    ``rows1`` and, ``wide``, ``rows2``; ``wide``, it meanwhile stores the lines the
+    thread's block before held, if any (``_drain_step``)."""
     vals, vals16, ids = held
     out32, out16, stream32, stream16, _ = out
     w1 = w0 + k2 * LANES
@@ -534,7 +531,7 @@ def _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, wide, dr
     c0 = c1 = c2 = (z, z, z, z, z, z, z, z)
     for p in range(k2):
         b0, b1 = _step_pairs(w, w0, w1, p, pf, plan)
-        if drain:
+        if wide:
             _drain_step(vals, vals16, ids, p, out32, out16, stream32, stream16)
         c0, c1 = _dp4(a, p, rows0, b0, b1, c0), _dp4(a, p, rows1, b0, b1, c1)
         if wide:
@@ -548,8 +545,9 @@ def _block_bf16(route, a, m, last, rows, w, w0, k2, n0, lora, out, held, pf, pla
     """avx512_bf16: one ``vdpbf16ps`` per row and 16 columns per K pair, the row's pair
     broadcast; 8 rows x 32 columns = 16 accumulators of the 32 zmm registers, or 12 rows
     = 24 where ``block_take`` gives 12 (``rows``). A tail of ``CLAMP_ROWS`` or more rows
-    repeats its last row to fill the block; fewer go to ``_tail_rows``. Where ``out``
-    says so, the block holds its rows for the next one to store (``HOLD_PAIRS``)."""
+    repeats its last row to fill the block; fewer go to ``_tail_rows``. Its rows go
+    through the thread's scratch (``_hold4``), stored after the K loop, or, where ``out``
+    says so, held for the next block to store (``HOLD_PAIRS``)."""
     if route.route != "avx512_bf16":
         return None
 
@@ -559,27 +557,19 @@ def _block_bf16(route, a, m, last, rows, w, w0, k2, n0, lora, out, held, pf, pla
             _tail_rows(route, a, m, last, w, w0, k2, n0, lora, out)
             return
         rows0, rows1, rows2 = _rows4(m, last), _rows4(min(m + 4, last), last), _rows4(min(m + 8, last), last)
-        hold = out[4]
-        if rows == MR_WIDE and hold:                # constant flags: one loop each, no test in it
-            c = _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, True, True)
-        elif rows == MR_WIDE:
-            c = _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, True, False)
-        elif hold:
-            c = _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, False, True)
+        wide = rows == MR_WIDE
+        if wide:                                    # constant flags: one loop each
+            c = _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, True)
         else:
-            c = _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, False, False)
-        if hold:
-            _drain_rest(held, k2, out)
-            _hold4(rows0, 0, n0, c[0], lora, held, out)
-            _hold4(rows1, 4, n0, c[1], lora, held, out)
-            if rows == MR_WIDE:
-                _hold4(rows2, 8, n0, c[2], lora, held, out)
-            _note(held[2], 0, rows)
-        else:
-            _finish_rows4(rows0, n0, c[0], lora, out)
-            _finish_rows4(rows1, n0, c[1], lora, out)
-            if rows == MR_WIDE:
-                _finish_rows4(rows2, n0, c[2], lora, out)
+            c = _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, False)
+        _drain_rest(held, k2 if wide else 0, out)   # the lines the K loop did not store
+        _hold4(rows0, 0, n0, c[0], lora, held, out)
+        _hold4(rows1, 4, n0, c[1], lora, held, out)
+        if wide:
+            _hold4(rows2, 8, n0, c[2], lora, held, out)
+        _note(held[2], 0, rows)
+        if not out[4]:                              # not held for the next block: stored now
+            _drain_rest(held, 0, out)
     return impl
 
 
