@@ -72,7 +72,8 @@ heavy expert. ``prange`` runs over the runs; each owns a row of the per-thread s
 the shared epilogue (``_finish4`` on four register rows at a time, ``_finish_row`` on
 one): the LoRA term, then the stores. avx512_bf16's register blocks put their rows in the
 thread's scratch (``_hold4``) and store them from there: at once, or, where they write
-densely through the caches, during the K loop of the thread's next block (``HOLD_PAIRS``). Each output element is written by exactly one item, summed in a fixed
+densely through the caches, during the K loop of the thread's next block
+(``HOLD_PAIRS``). Each output element is written by exactly one item, summed in a fixed
 order: results do not depend on the thread count or the cut.
 
 Routes slot in through ``_block`` and ``block_take``: one ``@overload`` per route.
@@ -214,10 +215,11 @@ HOLD_PAIRS = 256
 
 
 @njit(inline="always", **JIT)
-def _hold4(rows, slot, n0, c, lora, held, out):
+def _hold4(rows, slot, c, lora, held, out):
     """``_finish4`` of four ``rows`` (``_dp4``'s accumulators ``c``) into held rows ``slot
     .. slot + 3`` of the thread's ``held`` = (fp32 values [>= 12 * 32], their bf16 bits
-    [12 * 32] uint16, ids [2 + 12] int64: count, n0, rows) in place of the outputs: rounded
+    [12 * 32] uint16, ids [2 + 12] int64: count, n0, rows; the block notes the first
+    two) in place of the outputs: rounded
     here, so the drain copies lines; rounding in the K loop kept its constants in
     registers, and an accumulator went to the stack."""
     c = _lora4(rows[0], rows[1], rows[2], rows[3], c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], lora)
@@ -226,7 +228,6 @@ def _hold4(rows, slot, n0, c, lora, held, out):
     _hold_row(held, slot + 2, c[4], c[5], out)
     _hold_row(held, slot + 3, c[6], c[7], out)
     ids = held[2]
-    _note(ids, 1, n0)
     _note(ids, 2 + slot, rows[0])
     _note(ids, 3 + slot, rows[1])
     _note(ids, 4 + slot, rows[2])
@@ -563,11 +564,12 @@ def _block_bf16(route, a, m, last, rows, w, w0, k2, n0, lora, out, held, pf, pla
         else:
             c = _bf16_steps(a, rows0, rows1, rows2, w, w0, k2, pf, plan, held, out, False)
         _drain_rest(held, k2 if wide else 0, out)   # the lines the K loop did not store
-        _hold4(rows0, 0, n0, c[0], lora, held, out)
-        _hold4(rows1, 4, n0, c[1], lora, held, out)
+        _hold4(rows0, 0, c[0], lora, held, out)
+        _hold4(rows1, 4, c[1], lora, held, out)
         if wide:
-            _hold4(rows2, 8, n0, c[2], lora, held, out)
+            _hold4(rows2, 8, c[2], lora, held, out)
         _note(held[2], 0, rows)
+        _note(held[2], 1, n0)
         if not out[4]:                              # not held for the next block: stored now
             _drain_rest(held, 0, out)
     return impl
@@ -891,9 +893,9 @@ def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed,
         results = own[:SCRATCH].view(np.float32)
         # held rows (avx512_bf16, ``hold``) in the words amx keeps its tile results in:
         # fp32 values, bf16 bits, then the ids (count, n0, rows: 2 + MR_WIDE int64)
-        held = (results, own[HELD16:HELD16 + MR_WIDE * TILE_N // 2].view(np.uint16),
-                own[HELD_IDS:HELD_IDS + 2 * (2 + MR_WIDE)].view(np.int64))
-        _note(held[2], 0, 0)
+        ids = own[HELD_IDS:HELD_IDS + 2 * (2 + MR_WIDE)].view(np.int64)
+        held = (results, own[HELD16:HELD_IDS].view(np.uint16), ids)
+        _note(ids, 0, 0)
         tmp = own[SCRATCH:SCRATCH + TMP]
         panel = own[SCRATCH + TMP:at_tile]
         tile = own[at_tile:].view(np.float32)
@@ -982,9 +984,8 @@ def grouped_gemm(route, a, w, offsets, slot_of_expert, lora_l, lora_r, group_n, 
     scratch = thread_scratch(SCRATCH + TMP + 2 * k2 * LANES + tile)
     tasks, bounds = make_tasks(offsets, slot_of_expert, tiles, scratch.shape[0])
     stream32, stream16 = streams(out32, offsets[-1]), streams(out16, offsets[-1])
-    cached = (out32.size and not stream32) or (out16.size and not stream16)
-    lines = 2 * bool(out32.size) + bool(out16.size)                # a row's lines of 64 bytes
-    hold = route.name == "avx512_bf16" and bool(cached) and lines * HOLD_PAIRS >= k2
+    cached = bool(out32.size and not stream32) or bool(out16.size and not stream16)
+    hold = route.name == "avx512_bf16" and cached and _lines(out32, out16) * HOLD_PAIRS >= k2
     _grouped_gemm(route, a, w.codes, w.codes.reshape(-1), w.scales, w.zeros, w.group_pairs, transposed, offsets,
                   slot_of_expert, tasks, bounds, lora_l, ups, turned, group_n, scale,
                   (out32, out16, stream32, stream16, hold), scratch)

@@ -258,6 +258,18 @@ def _bf16_bits(builder, value):
     return builder.trunc(builder.select(is_nan, quiet, rounded), _I16X16)
 
 
+def _put(builder, value, ptr, stream, size, align):
+    """Store ``value`` (``size`` bytes) at ``ptr``: with ``stream`` (an i1) a non-temporal
+    store, which does not read the lines first (``ptr`` then aligned to ``size``), else an
+    ordinary one aligned to ``align``."""
+    with builder.if_else(stream) as (past, plain):
+        with past:
+            store = builder.store(value, ptr, align=size)
+            store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
+        with plain:
+            builder.store(value, ptr, align=align)
+
+
 @intrinsic
 def vput(typingctx, arr, i, v, stream):
     """Store 16 float32 lanes to ``arr.flat[i:i+16]`` (float32 ``arr``; uint16: rounded to
@@ -271,12 +283,7 @@ def vput(typingctx, arr, i, v, stream):
     def codegen(context, builder, sig, args):
         value, vec_ty, size = (_bf16_bits(builder, args[2]), _I16X16, 32) if bf16 else (args[2], LLVM_F32X16, 64)
         ptr = lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], vec_ty)
-        with builder.if_else(args[3]) as (past, plain):
-            with past:
-                store = builder.store(value, ptr, align=size)
-                store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
-            with plain:
-                builder.store(value, ptr, align=size // LANES)
+        _put(builder, value, ptr, args[3], size, size // LANES)
         return context.get_dummy_value()
     return types.none(arr, i, v, stream), codegen
 
@@ -295,12 +302,7 @@ def vcopy_line(typingctx, src, i, dst, j, stream):
         line = builder.load(lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], LLVM_I32X16),
                             align=src.dtype.bitwidth // 8)
         ptr = lane_ptr(context, builder, sig.args[2], args[2], sig.args[3], args[3], LLVM_I32X16)
-        with builder.if_else(args[4]) as (past, plain):
-            with past:
-                store = builder.store(line, ptr, align=64)
-                store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
-            with plain:
-                builder.store(line, ptr, align=dst.dtype.bitwidth // 8)
+        _put(builder, line, ptr, args[4], 64, dst.dtype.bitwidth // 8)
         return context.get_dummy_value()
     return types.none(src, i, dst, j, stream), codegen
 
