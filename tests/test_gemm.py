@@ -236,10 +236,11 @@ def test_padding_is_the_least_whole_tiling(n):
 
 
 @pytest.mark.parametrize("route", ROUTE_PARAMS)
-@pytest.mark.parametrize("K", [70, 64])
+@pytest.mark.parametrize("K", [70, 64, 2048])
 def test_packed_matrix_matmul(route, K):
-    """K = 64 reads a C-order ``a`` in place (routes but amx); a strided view of the same
-    values goes through the padded copy: the same bits either way."""
+    """K = 64 reads a C-order ``a`` in place (routes but amx); K = 2048 (rows 4 KiB apart,
+    one L1 set) and a strided view of the same values go through the padded copy: the
+    same bits either way."""
     rng = np.random.default_rng(1)
     a = rng.standard_normal((37, K)).astype(BF16)
     w = rng.standard_normal((50, K)).astype(BF16)
@@ -248,5 +249,6 @@ def test_packed_matrix_matmul(route, K):
     a64, w64 = a.astype(np.float64), w.astype(np.float64)
     assert out.shape == (37, 50)
     assert_fp32_sums(out, a64 @ w64.T, np.abs(a64) @ np.abs(w64).T, K)
+    assert (packed._operand.shape[0] > 0) == (route == "amx" or K != 64)
     strided = np.repeat(a.view(np.uint16), 2, axis=0)[::2]
     assert np.array_equal(packed.matmul(isa.Route(route, ""), strided), out)
