@@ -64,7 +64,7 @@ def products(route, T=1024):
     w = weights(E, N, K)
     no_lora = np.zeros((P, 0), np.float32), np.zeros((E, 0, N + K), np.float32)
     for transposed, width, cols in ((False, K, N), (True, N, K)):
-        a = bf16_bits((P + gemm.ROW_SLACK, width), 1)
+        a = bf16_bits((P + gemm.ROW_SLACK, gemm.longer(width, np.uint16)), 1)   # rows as the layer's buffers
         out = np.zeros((P, cols), np.float32)
         t = median_time(lambda: gemm.grouped_gemm(route, a.view(np.uint32), w, offsets, np.arange(E), *no_lora, cols,
                                                   np.float32(0), out, np.zeros((0, 0), np.uint16),
