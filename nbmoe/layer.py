@@ -332,7 +332,7 @@ class MoELayer:
                 shape = self._shape(part)
                 part_cache = cache.parts[p] if cache is not None else \
                     ForwardCache(*shape, T, k, alloc=SHARED.allocator("cache."))
-                ws = moe.Workspace(*shape, T * k, alloc=SHARED.allocator("ws."))
+                ws = moe.Workspace(*shape, T, k, alloc=SHARED.allocator("ws."))
                 moe.forward(self.route, packed, self._part(lora, part), x16, ids, weights, part_cache, ws, out,
                             add=p > 0)
             if out is not y:
@@ -385,7 +385,7 @@ class MoELayer:
             for p, (part, packed) in enumerate(zip(self.parts, self._packed)):
                 mine = _part_lora(grads, *part) if lora is not None else MoEGrads(None, None)
                 mine.input, mine.topk_weights = gx, grads.topk_weights if p == 0 else gw
-                ws = moe.Workspace(*self._shape(part), T * k, alloc=SHARED.allocator("ws."))
+                ws = moe.Workspace(*self._shape(part), T, k, alloc=SHARED.allocator("ws."))
                 moe.backward(self.route, packed, self._part(lora, part), cache.parts[p], ws, gy, mine,
                              accumulate=accumulate or p > 0, add_input=p > 0)
                 if p > 0:

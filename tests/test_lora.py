@@ -62,8 +62,10 @@ def test_load_turns_contiguous_b_in_blocks(R):
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 4), st.sampled_from([1, 2]), st.integers(1, 10), st.sampled_from([np.float32, BF16]),
-       st.integers(0, 2**31 - 1))
-def test_project_and_outer(S, groups, R, m_dtype, seed):
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_project_and_outer(S, groups, R, m_dtype, gathered, seed):
+    """Both products over m's own rows, or (``gathered``) over rows ``src`` of another m,
+    scaled by ``w_row`` in ``project`` (G = w grad_y read from grad_y)."""
     rng = np.random.default_rng(seed)
     group = OUTER_COLS * int(rng.integers(1, 3))
     W = groups * group
@@ -72,9 +74,12 @@ def test_project_and_outer(S, groups, R, m_dtype, seed):
     active = np.arange(S)
     P = int(offsets[-1])
     slot_of_row = np.repeat(np.arange(S), counts)
-    m = rng.standard_normal((P, W)).astype(m_dtype)
+    m = rng.standard_normal((P + 3 if gathered else P, W)).astype(m_dtype)
     m_arg = m.view(np.uint16) if m_dtype == BF16 else m
-    m64 = m.astype(np.float64)
+    src = rng.integers(0, m.shape[0], P) if gathered else np.zeros(0, np.int64)
+    w_row = (rng.random(P) + 0.5).astype(np.float32) if gathered else np.zeros(0, np.float32)
+    m64 = m.astype(np.float64)[src] if gathered else m.astype(np.float64)       # M, as outer reads it
+    w64 = w_row.astype(np.float64) if gathered else np.ones(P)
     f = rng.standard_normal((S, R, W)).astype(np.float32)
     items = row_blocks(offsets, active, S)
     # one buffer indexed by slot, and the same ranks split over two arrays (gate_a | up_a
@@ -85,23 +90,23 @@ def test_project_and_outer(S, groups, R, m_dtype, seed):
     f_lo[where], f_hi[where] = f[:, :split], f[:, split:]
     for index, fs in ((np.arange(S), (f,)), (where, (f_lo, f_hi))):
         out = np.zeros((P, groups * R), np.float32)
-        project(m_arg, offsets, items, index, fs, group, out)
+        project(m_arg, offsets, items, index, fs, group, out, src, w_row)
         for r in range(P):
             for g in range(groups):
                 cols = slice(g * group, (g + 1) * group)
                 f64 = f[slot_of_row[r], :, cols].astype(np.float64)
-                assert_fp32_sums(out[r, g * R:(g + 1) * R], f64 @ m64[r, cols], np.abs(f64) @ np.abs(m64[r, cols]),
-                                 group)
+                assert_fp32_sums(out[r, g * R:(g + 1) * R], w64[r] * f64 @ m64[r, cols],
+                                 w64[r] * np.abs(f64) @ np.abs(m64[r, cols]), group + gathered)   # + the scaling
 
     # outer into one buffer indexed by slot; and into the ranks split over two arrays in
     # another order of the experts (the A gradients in place), scaled and added to
     v = rng.standard_normal((P, groups * R)).astype(np.float32)
     acc = np.zeros((S, R, W), np.float32)
-    outer(v, m_arg, offsets, active, S, group, (acc, acc), active, np.float32(1), False, 3)   # 3 runs: any
+    outer(v, m_arg, offsets, active, S, group, (acc, acc), active, np.float32(1), False, 3, src)   # 3 runs: any
     before = rng.standard_normal((S, R, W)).astype(np.float32)
     g_lo, g_hi = np.empty_like(f_lo), np.empty_like(f_hi)
     g_lo[where], g_hi[where] = before[:, :split], before[:, split:]
-    outer(v, m_arg, offsets, active, S, group, (g_lo, g_hi), where, np.float32(0.5), True, 3)
+    outer(v, m_arg, offsets, active, S, group, (g_lo, g_hi), where, np.float32(0.5), True, 3, src)
     added = np.concatenate([g_lo[where], g_hi[where]], axis=1)
     for s in range(S):
         rows = slice(offsets[s], offsets[s + 1])

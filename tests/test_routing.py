@@ -6,7 +6,6 @@ from hypothesis import strategies as st
 
 from nbmoe.kernels.routing import combine_rows, gather_rows, pair_grads, round_rows, route_pairs
 from nbmoe.reference import round_bf16
-from nbmoe.scratch import zeros as aligned_zeros
 from helpers import BF16, assert_fp32_sums, rel
 
 
@@ -84,13 +83,13 @@ def test_combine_and_pair_grads(E, k, H, seed):
     grad_y = rng.standard_normal((T, H)).astype(BF16)
     d16 = np.zeros((P, Hp), np.uint16)
     d16[:, :H] = d32[:, :H].astype(BF16).view(np.uint16)
-    G, G16 = np.full((P, Hp), np.nan, np.float32), np.full((P, Hp), 0xFFFF, np.uint16)
+    G16 = np.full((P, Hp), 0xFFFF, np.uint16)
     grad_w = np.full((T, k), np.nan, np.float32)
-    pair_grads(grad_y.view(np.uint16), rows, weights, d16, G, G16, grad_w, False)
-    # stored past the caches (aligned rows, as gemm.streams requires): the same bits
-    past, past16, past_w = aligned_zeros((P, Hp), np.float32), aligned_zeros((P, Hp), np.uint16), np.empty_like(grad_w)
-    pair_grads(grad_y.view(np.uint16), rows, weights, d16, past, past16, past_w, True)
-    assert np.array_equal(past, G) and np.array_equal(past16, G16) and np.array_equal(past_w, grad_w)
+    gy16 = np.full((T, Hp + 32), 0xFFFF, np.uint16)
+    src, w_row = np.full(P, -1, np.int64), np.full(P, np.nan, np.float32)
+    pair_grads(grad_y.view(np.uint16), rows, weights, d16, G16, grad_w, gy16, src, w_row)
+    # grad_y copied with its pads zeroed, the row each LoRA product gathers G's from
+    assert np.array_equal(gy16[:, :H], grad_y.view(np.uint16)) and not np.any(gy16[:, H:])
     gy = grad_y.astype(np.float64)
     for t in range(T):
         for j in range(k):
@@ -98,8 +97,8 @@ def test_combine_and_pair_grads(E, k, H, seed):
             if r < 0:
                 assert grad_w[t, j] == 0
                 continue
-            assert np.allclose(G[r, :H], weights[t, j] * gy[t], rtol=1e-6, atol=0)
-            assert np.array_equal(G16[r, :H], G[r, :H].astype(BF16).view(np.uint16))
-            assert not np.any(G[r, H:]) and not np.any(G16[r, H:])
+            assert src[r] == t and w_row[r] == weights[t, j]
+            G = weights[t, j] * grad_y[t].astype(np.float32)                # one fp32 product, rounded once to bf16
+            assert np.array_equal(G16[r, :H], G.astype(BF16).view(np.uint16)) and not np.any(G16[r, H:])
             d = d16[r, :H].view(BF16).astype(np.float64)
             assert_fp32_sums(grad_w[t, j], gy[t] @ d, np.abs(gy[t]) @ np.abs(d), H)

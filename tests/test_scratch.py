@@ -37,7 +37,7 @@ def test_layers_of_different_shapes_interleave_on_one_scratch():
 
 def _call_bytes(E, H, I, r, T, k):
     """What one call takes from the scratch: its Workspace and (forward) its cache."""
-    ws = Workspace(E, H, I, r, T * k, scratch.new_array)
+    ws = Workspace(E, H, I, r, T, k, scratch.new_array)
     cache = ForwardCache(E, H, I, r, T, k)
     return sum(a.nbytes for a in ws.arrays()), sum(a.nbytes for a in cache.arrays())
 

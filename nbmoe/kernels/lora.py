@@ -179,15 +179,17 @@ def row_blocks(offsets, active, n_active):
 
 
 @njit(**JIT_PARALLEL)
-def project(m, offsets, items, index, fs, group, out):
+def project(m, offsets, items, index, fs, group, out, src, w_row):
     """out[r, g*R + q] = sum_{k < group} M[r, g*group + k] * F[index[e], q, g*group + k],
-    e the expert of row r; F the ranks of ``fs`` stacked in order (R in all).
+    e the expert of row r; F the ranks of ``fs`` stacked in order (R in all); with
+    ``src``, row r of M is w_row[r] * m[src[r]] (the sum scaled once, at the end).
 
     m [>=P, >=W] float32 or uint16 (bf16 bits), W and group multiples of 16; items from
     ``row_blocks``; index [E] int64: an expert's position along the factors' first axis
     (its active slot in ``load``'s buffers, the expert itself for the caller's arrays read
     in place); fs: a tuple of float32 C arrays [*, R_j, >=W] (one buffer, or gate_a and
-    up_a side by side); out [>=P, (W/group)*R] float32.
+    up_a side by side); out [>=P, (W/group)*R] float32; src [>=P] int64 and w_row [>=P]
+    float32, or both empty (M = m).
     """
     R = 0
     for j in range(len(fs)):
@@ -195,6 +197,8 @@ def project(m, offsets, items, index, fs, group, out):
     ld = m.shape[1]                                 # the groups come from out
     for i in prange(items.shape[0]):
         r0, r1, r2, r3 = _item_rows(offsets, items, i)
+        m0, m1, m2, m3 = _m_rows(src, r0, r1, r2, r3)
+        w0, w1, w2, w3 = _row_scales(w_row, r0, r1, r2, r3)
         s = index[items[i, 0]]
         # the first rank pass of each group hints the next item's rows into L2. Zen 4, 2
         # threads, T=1024 step of the Qwen3-30B-A3B layer: G B_d 4.6-4.8 -> 4.1 ms, dgu
@@ -202,6 +206,7 @@ def project(m, offsets, items, index, fs, group, out):
         # 4.05-4.14 -> 3.52-3.68 ms, h A_d 0.86-1.03 -> 0.69-0.76 ms.
         ahead = i + 1 < items.shape[0]
         n0, n1, n2, n3 = _item_rows(offsets, items, np.int64(i) + 1 if ahead else np.int64(i))   # prange: i is unsigned
+        n0, n1, n2, n3 = _m_rows(src, n0, n1, n2, n3)
         for g in range(out.shape[1] // R):
             k0 = g * group
             for q0 in range(0, R, PROJECT_RANKS):
@@ -222,23 +227,23 @@ def project(m, offsets, items, index, fs, group, out):
                         prefetch_l2(m, n2 * ld + k)
                         prefetch_l2(m, n3 * ld + k)
                     b0, b1, b2, b3 = vload(a0, f0 + k), vload(a1, f1 + k), vload(a2, f2 + k), vload(a3, f3 + k)
-                    x = vload_f32(m, r0 * ld + k)
+                    x = vload_f32(m, m0 * ld + k)
                     c00, c01, c02, c03 = vfma2(x, b0, b1, c00, c01) + vfma2(x, b2, b3, c02, c03)
-                    x = vload_f32(m, r1 * ld + k)
+                    x = vload_f32(m, m1 * ld + k)
                     c10, c11, c12, c13 = vfma2(x, b0, b1, c10, c11) + vfma2(x, b2, b3, c12, c13)
-                    x = vload_f32(m, r2 * ld + k)
+                    x = vload_f32(m, m2 * ld + k)
                     c20, c21, c22, c23 = vfma2(x, b0, b1, c20, c21) + vfma2(x, b2, b3, c22, c23)
-                    x = vload_f32(m, r3 * ld + k)
+                    x = vload_f32(m, m3 * ld + k)
                     c30, c31, c32, c33 = vfma2(x, b0, b1, c30, c31) + vfma2(x, b2, b3, c32, c33)
                 col = g * R + q0
                 n = q3 - q0 + 1
-                _store_sums(out, r0, col, n, c00, c01, c02, c03)
+                _store_sums(out, r0, col, n, w0, c00, c01, c02, c03)
                 if r1 > r0:
-                    _store_sums(out, r1, col, n, c10, c11, c12, c13)
+                    _store_sums(out, r1, col, n, w1, c10, c11, c12, c13)
                 if r2 > r1:
-                    _store_sums(out, r2, col, n, c20, c21, c22, c23)
+                    _store_sums(out, r2, col, n, w2, c20, c21, c22, c23)
                 if r3 > r2:
-                    _store_sums(out, r3, col, n, c30, c31, c32, c33)
+                    _store_sums(out, r3, col, n, w3, c30, c31, c32, c33)
 
 
 @njit(inline="always", **JIT)
@@ -261,29 +266,47 @@ def _item_rows(offsets, items, i):
 
 
 @njit(inline="always", **JIT)
-def _store_sums(out, row, col, n, c0, c1, c2, c3):
-    """out[row, col + j] = the lane sum of c_j for the first ``n`` of the four."""
-    out[row, col] = vhsum(c0)
+def _m_rows(src, r0, r1, r2, r3):
+    """The rows of m that rows ``r0 .. r3`` read: ``src``'s, or their own where it is empty."""
+    if src.shape[0] == 0:
+        return r0, r1, r2, r3
+    return src[r0], src[r1], src[r2], src[r3]
+
+
+@njit(inline="always", **JIT)
+def _row_scales(w_row, r0, r1, r2, r3):
+    """The scales of rows ``r0 .. r3``: ``w_row``'s, or 1 (exact) where it is empty."""
+    if w_row.shape[0] == 0:
+        one = np.float32(1.0)
+        return one, one, one, one
+    return w_row[r0], w_row[r1], w_row[r2], w_row[r3]
+
+
+@njit(inline="always", **JIT)
+def _store_sums(out, row, col, n, w, c0, c1, c2, c3):
+    """out[row, col + j] = w * the lane sum of c_j for the first ``n`` of the four."""
+    out[row, col] = w * vhsum(c0)
     if n > 1:
-        out[row, col + 1] = vhsum(c1)
+        out[row, col + 1] = w * vhsum(c1)
     if n > 2:
-        out[row, col + 2] = vhsum(c2)
+        out[row, col + 2] = w * vhsum(c2)
     if n > 3:
-        out[row, col + 3] = vhsum(c3)
+        out[row, col + 3] = w * vhsum(c3)
 
 
 @njit(**JIT_PARALLEL)
-def outer(v, m, offsets, active, n_active, group, outs, index, scale, accumulate, runs):
+def outer(v, m, offsets, active, n_active, group, outs, index, scale, accumulate, runs, src):
     """out[index[e], q, n] = scale * sum over rows r of expert e of v[r, (n // group)*R + q]
     * M[r, n] for each active expert e = active[s] (with ``accumulate``: added to), where
-    ``out`` is the ranks of ``outs`` stacked in order.
+    ``out`` is the ranks of ``outs`` stacked in order; M[r] = m[src[r]], or m[r] where
+    ``src`` is empty (a row's scale, as ``project``'s ``w_row``, goes into v).
 
     v [>=P, G*R] float32, C order (G = W / group); m [>=P, >=W] float32 or uint16 (bf16
     bits); outs: two float32 C arrays [*, R_j, W] whose first ranks stack to R (a
     ``load``-style buffer twice, indexed by slot; or the caller's gradients, gate_a and
     up_a, or down_a twice, indexed by expert); index [E] int64; W a multiple of
     OUTER_COLS and of group, group of OUTER_COLS; runs: how many balanced runs to cut the
-    work into (the thread count).
+    work into (the thread count); src [>=P] int64 or empty.
     """
     W = outs[0].shape[2]
     R = v.shape[1] * group // W
@@ -304,9 +327,10 @@ def outer(v, m, offsets, active, n_active, group, outs, index, scale, accumulate
             # in row order. Zen 4, 2 threads, T=1024 step of the Qwen3-30B-A3B layer: dB_d
             # 8.4 -> 5.4 ms, dB_gate|up 6.4 -> 4.0 ms; bf16 M (half the bytes, widened per
             # rank block) lost 0.4 ms with it, so it has none.
-            if m.itemsize == 4 and (s + 1) * per_slot < bounds[run + 1]:
+            if m.itemsize == 4 and src.shape[0] == 0 and (s + 1) * per_slot < bounds[run + 1]:
                 _prefetch_share(m, offsets, active[s + 1], W, i - s * per_slot, per_slot)
-            _outer_item(v, m, offsets, active, group, outs, index, scale, accumulate, i, R, blocks, rank_blocks, sums)
+            _outer_item(v, m, offsets, active, group, outs, index, scale, accumulate, i, R, blocks, rank_blocks, sums,
+                        src)
 
 
 @njit(inline="always", **JIT)
@@ -330,7 +354,7 @@ def _prefetch_share(m, offsets, e, W, k, parts):
 
 
 @njit(inline="always", **JIT)
-def _outer_item(v, m, offsets, active, group, outs, index, scale, accumulate, i, R, blocks, rank_blocks, sums):
+def _outer_item(v, m, offsets, active, group, outs, index, scale, accumulate, i, R, blocks, rank_blocks, sums, src):
     """Item ``i`` of ``outer``: slot ``s``, columns ``n0 .. n0 + 31``, ranks ``q0 .. q0 + 7``
     (past the last rank: the last again, not stored)."""
     W = outs[0].shape[2]
@@ -359,12 +383,14 @@ def _outer_item(v, m, offsets, active, group, outs, index, scale, accumulate, i,
     # the first rank block of a strip pulls the next strip's lines into L1 as it walks the
     # rows (a line per row, rows KiBs apart: no hardware prefetcher follows them)
     nxt = n0 + OUTER_COLS if q0 == 0 and n0 + OUTER_COLS < W else n0
+    gathered = src.shape[0] > 0
     for r in range(offsets[e], offsets[e + 1]):
-        prefetch(m, r * ld + nxt)
+        at = (src[r] if gathered else r) * ld
+        prefetch(m, at + nxt)
         if m.itemsize == 4:
-            prefetch(m, r * ld + nxt + LANES)
-        a0 = vload_f32(m, r * ld + n0)
-        a1 = vload_f32(m, r * ld + n0 + LANES)
+            prefetch(m, at + nxt + LANES)
+        a0 = vload_f32(m, at + n0)
+        a1 = vload_f32(m, at + n0 + LANES)
         c00, c01 = vfma2(vsplat_at(v, vr), a0, a1, c00, c01)
         c10, c11 = vfma2(vsplat_at(v, vr + d1), a0, a1, c10, c11)
         c20, c21 = vfma2(vsplat_at(v, vr + d2), a0, a1, c20, c21)

@@ -21,20 +21,25 @@ float32, C order, unpadded; B turned per GEMM item), else loads them first.
 Backward (routing, gu, d, xa_* from the cache; h recomputed; LoRA factors loaded into
 the factor buffers: B^T for the projections, both A into the epilogues)::
 
-    pair_grads(grad_y, d)               -> G = w grad_y [P, Hp] fp32 (+ bf16 G16), grad_w [T, k]
-    project(G, B_d^T)                   -> gb_d = G B_d [P, r]
+    pair_grads(grad_y, d)               -> G16 = bf16(w grad_y) [P, Hp], grad_w [T, k],
+                                           gy = grad_y padded, each row's token and w
+    project(G, B_d^T)                   -> gb_d = G B_d [P, r]   (G = w gy[token] on the fly)
     grouped_gemm^T(G16, W_d) + s gb_d A_d -> grad_h [P, Ip] fp32
     silu_mul_backward(grad_h, gu)       -> dgu = dg | du [P, 2Ip] fp32 (+ bf16 dgu16)
     project(dgu, [B_g|B_u]^T)           -> gb_gu = dg B_g | du B_u [P, 2r]
     grouped_gemm^T(dgu16, [W_g; W_u]) + s gb_gu [A_g; A_u] -> grad_x per pair [P, Hp] fp32
     combine_rows(grad_x per pair, 1)    -> grad_x [T, H] bf16
     outer(...)                          -> dA_g, dA_u (from xs regathered), dB_g, dB_u (dgu),
-                                           dA_d (h), dB_d (G), each times s: the A gradients
-                                           into the caller's arrays where ``_in_place``
+                                           dA_d (h), dB_d (gy[token], v = xa_d w), each times
+                                           s: the A gradients into the caller's arrays where
+                                           ``_in_place``
 
 The base-weight GEMMs take bf16 operands (G16, dgu16: what bf16 dot-product instructions
-need); every LoRA product takes the fp32 G and dgu, so a low-rank gradient, a sum that
-can cancel, carries no bf16 rounding of its operands.
+need); every LoRA product takes G and dgu unrounded, so a low-rank gradient, a sum that
+can cancel, carries no bf16 rounding of its operands. G = w grad_y is never stored in
+fp32: its two LoRA products gather grad_y's rows (bf16 as given) and scale by w, a row's
+sum (``project``) or v (``outer``). Zen 4, 2 threads, Qwen3-30B-A3B layer, T=1024 step:
+the 67 MB G was written once past the caches and read twice from DRAM.
 
 Saved: x (token order), routing, gu, d (bf16), xa_gu, xa_d. Recomputed: xs (a gather),
 h = silu(g) * u (one pass; bit-identical), sigmoid(g). Nothing else survives a call.
@@ -51,6 +56,8 @@ from .simd import LANES
 
 _EMPTY_F32 = np.zeros((0, 0), np.float32)
 _EMPTY_U16 = np.zeros((0, 0), np.uint16)
+_NO_ROWS = np.zeros(0, np.int64)               # ``project`` / ``outer`` reading m's own rows,
+_NO_SCALES = np.zeros(0, np.float32)           # unscaled
 
 
 class PackedWeights:
@@ -79,18 +86,22 @@ class Workspace:
     ``scratch.new_array``); contents may be stale: every kernel writes before it
     reads (``lora.load`` writes the LoRA factors' pads too)."""
 
-    def __init__(self, E, H, I, r, pairs, alloc):
+    def __init__(self, E, H, I, r, T, k, alloc):
         Hp, Ip = padded(H), padded(I)
+        pairs = T * k
         operand = pairs + ROW_SLACK                        # GEMM A operands: whole tiles are read
         f32, u16 = np.float32, np.uint16
         self.xs = alloc("xs", (operand, longer(Hp, u16)), u16)
         self.d32 = alloc("d32", (pairs, Hp), f32)          # forward d; backward grad_x per pair
-        self.G = alloc("G", (pairs, longer(Hp, f32)), f32)
+        self.gy = alloc("gy", (T, longer(Hp, u16)), u16)  # grad_y padded: G = w gy[token]
+        self.src = alloc("src", (pairs,), np.int64)        # a row's token, and its w
+        self.w_row = alloc("w_row", (pairs,), f32)
         self.G16 = alloc("G16", (operand, longer(Hp, u16)), u16)
         self.grad_h = alloc("grad_h", (pairs, Ip), f32)
         self.dgu = alloc("dgu", (pairs, longer(2 * Ip, f32)), f32)
         self.dgu16 = alloc("dgu16", (operand, 2 * Ip), u16)
         self.gb_d = alloc("gb_d", (pairs, r), f32)
+        self.xa_w = alloc("xa_w", (pairs, r), f32)         # xa_d w: dB_d's v
         self.gb_gu = alloc("gb_gu", (pairs, 2 * r), f32)
         self.h = alloc("h", (operand, Ip), u16)            # silu(g) * u: recomputed, not saved
         # LoRA factors per active slot (fp32, padded, rows a line longer), and their gradients
@@ -200,12 +211,12 @@ def forward(route, packed, lora, x, topk_ids, topk_weights, cache, ws, y, add=Fa
     if lora is not None:
         a_gu, a_d, b_gu, b_d = _forward_factors(lora, cache, ws, Ip, Hp)
         rows = row_blocks(cache.offsets, cache.active, cache.n_active)
-        project(ws.xs, cache.offsets, rows, *a_gu, Hp, cache.xa_gu)
+        project(ws.xs, cache.offsets, rows, *a_gu, Hp, cache.xa_gu, _NO_ROWS, _NO_SCALES)
     grouped_gemm(route, ws.xs.view(np.uint32), packed.gu, cache.offsets, cache.slot_of_expert,
                  cache.xa_gu, b_gu, Ip, scale, _EMPTY_F32, cache.gu)
     silu_mul(cache.gu, P, ws.h)
     if lora is not None:
-        project(ws.h, cache.offsets, rows, *a_d, Ip, cache.xa_d)
+        project(ws.h, cache.offsets, rows, *a_d, Ip, cache.xa_d, _NO_ROWS, _NO_SCALES)
     grouped_gemm(route, ws.h.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert,
                  cache.xa_d, b_d, Hp, scale, ws.d32, cache.d)
     _combine(cache.rows[:T], cache.topk_weights[:T], ws.d32, y, add)
@@ -240,10 +251,10 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate, add_inpu
     Ip = cache.gu.shape[1] // 2
     Hp = cache.d.shape[1]
     rows = cache.rows[:T]
-    # G and dgu (fp32, for the LoRA products) go past the caches when large (gemm.STREAM_BYTES);
+    # dgu (fp32, for the LoRA products) goes past the caches when large (gemm.STREAM_BYTES);
     # G16 and dgu16, the operands of the very next GEMM, are stored plainly: G16 streamed at
     # T=1024 (34 MB, about the L3), that GEMM took 36.7-37.4 ms against 35.0-35.8 (Zen 5)
-    pair_grads(grad_y, rows, cache.topk_weights[:T], cache.d, ws.G, ws.G16, grads.topk_weights, streams(ws.G, P))
+    pair_grads(grad_y, rows, cache.topk_weights[:T], cache.d, ws.G16, grads.topk_weights, ws.gy, ws.src, ws.w_row)
     if P == 0:
         if not add_input:
             grads.input[:] = 0
@@ -252,12 +263,13 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate, add_inpu
     if lora is not None:
         _load_lora(lora, cache, ws, Ip, Hp)
         row_items = row_blocks(cache.offsets, cache.active, S)
-        project(ws.G, cache.offsets, row_items, cache.slot_of_expert, (ws.bt_d,), Hp, ws.gb_d)
+        project(ws.gy, cache.offsets, row_items, cache.slot_of_expert, (ws.bt_d,), Hp, ws.gb_d, ws.src, ws.w_row)
     grouped_gemm(route, ws.G16.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert,
                  ws.gb_d, ws.a_d, Ip, scale, ws.grad_h, _EMPTY_U16, transposed=True)
     silu_mul_backward(ws.grad_h, cache.gu, P, ws.dgu, ws.dgu16, streams(ws.dgu, P))
     if lora is not None:
-        project(ws.dgu, cache.offsets, row_items, cache.slot_of_expert, (ws.bt_gu,), Ip, ws.gb_gu)
+        project(ws.dgu, cache.offsets, row_items, cache.slot_of_expert, (ws.bt_gu,), Ip, ws.gb_gu, _NO_ROWS,
+                _NO_SCALES)
     grouped_gemm(route, ws.dgu16.view(np.uint32), packed.gu, cache.offsets, cache.slot_of_expert,
                  ws.gb_gu, ws.a_gu, Hp, scale, ws.d32, _EMPTY_U16, transposed=True)
     _combine(rows, np.ones((T, rows.shape[1]), np.float32), ws.d32, grads.input, add_input)
@@ -267,13 +279,14 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate, add_inpu
     gather_rows(cache.x[:T], cache.order, k, P, ws.xs)
     runs = numba.get_num_threads()
     silu_mul(cache.gu, P, ws.h)                 # h again: one SiLU pass, not a saved tensor
+    np.multiply(cache.xa_d[:P], ws.w_row[:P, None], out=ws.xa_w[:P])
     written = ()
-    for names, v, m, group, buffer in ((("gate_a", "up_a"), ws.gb_gu, ws.xs, Hp, ws.da_gu),
-                                       (("gate_b", "up_b"), cache.xa_gu, ws.dgu, Ip, ws.dbt_gu),
-                                       (("down_a",), ws.gb_d, ws.h, Ip, ws.da_d),
-                                       (("down_b",), cache.xa_d, ws.G, Hp, ws.dbt_d)):
+    for names, v, m, group, buffer, src in ((("gate_a", "up_a"), ws.gb_gu, ws.xs, Hp, ws.da_gu, _NO_ROWS),
+                                            (("gate_b", "up_b"), cache.xa_gu, ws.dgu, Ip, ws.dbt_gu, _NO_ROWS),
+                                            (("down_a",), ws.gb_d, ws.h, Ip, ws.da_d, _NO_ROWS),
+                                            (("down_b",), ws.xa_w, ws.gy, Hp, ws.dbt_d, ws.src)):
         outs, in_place = _grad_outs(names, buffer, grads, cache, Ip, Hp, scale, accumulate)
-        outer(v, m, cache.offsets, cache.active, S, group, *outs, runs)
+        outer(v, m, cache.offsets, cache.active, S, group, *outs, runs, src)
         written += in_place
     for name, _, acc, row0, col0, _ in _lora_parts(lora, ws, Ip, Hp):
         if name not in written:

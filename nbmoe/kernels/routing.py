@@ -8,8 +8,9 @@ Dataflow (forward)::
 
 Backward::
 
-    grad_y [T, H], w, cached d [P, Hp] --pair_grads--> G = w * grad_y [P, Hp] (fp32 and bf16),
-                                                       grad_w [T, k] = <grad_y, d>
+    grad_y [T, H], w, cached d [P, Hp] --pair_grads--> G16 = bf16(w * grad_y) [P, Hp],
+                                                       grad_w [T, k] = <grad_y, d>,
+                                                       gy = grad_y padded, each row's token and w
     grad_x_pair [P, Hp] fp32 --combine_rows(rows, 1)--> grad_x [T, H]
 
 A pair is one (token t, slot j); it becomes row ``rows[t, j]`` of the expert-ordered
@@ -25,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..config import JIT, JIT_PARALLEL
-from .simd import (LANES, bf16_to_f32, f32_to_bf16, vfma, vhsum, vload, vload_bf16, vput, vsplat, vstore,
+from .simd import (LANES, bf16_to_f32, f32_to_bf16, vfma, vhsum, vload, vload_bf16, vsplat, vstore,
                    vstore_bf16, vzero)
 
 
@@ -130,41 +131,43 @@ def round_rows(src, out):
 
 
 @njit(**JIT_PARALLEL)
-def pair_grads(grad_y, rows, weights, d, G, G16, grad_w, stream):
+def pair_grads(grad_y, rows, weights, d, G16, grad_w, gy, src, w_row):
     """Gradient of the combine: G[r] = w[t, j] * grad_y[t], grad_w[t, j] = <grad_y[t], d[r]>.
 
+    G is stored only as its bf16 rounding G16, the operand of the base-weight GEMM; the
+    LoRA products read G in fp32 from ``gy`` instead (``lora.project`` and ``lora.outer``
+    gather rows ``src`` and scale by ``w_row``): no [P, Hp] fp32 copy is written and read
+    back twice.
+
     grad_y [T, H] uint16; rows [T, k]; weights [T, k] float32; d [>=P, Hp] uint16
-    (cached bf16 expert outputs); G [>=P, >=Hp] float32 (for the LoRA products) and G16
-    [>=P, >=Hp] uint16 (its bf16 rounding, the operand of the base-weight GEMM), pads
-    zeroed; grad_w [T, k] float32 (0 for skipped slots); stream: store G past the caches
-    (``gemm.streams``, which checks the alignment this needs; G16, the next GEMM's
-    operand, is stored plainly).
+    (cached bf16 expert outputs); G16 [>=P, >=Hp] uint16, pads zeroed; grad_w [T, k]
+    float32 (0 for skipped slots); gy [>=T, >=Hp] uint16 := grad_y, pads zeroed; src [>=P]
+    int64 and w_row [>=P] float32: row r's token t and weight w[t, j].
     """
     T, k = rows.shape
     H = grad_y.shape[1]
-    ld, ld_g, ld_16 = d.shape[1], G.shape[1], G16.shape[1]
+    ld, ld_16 = d.shape[1], G16.shape[1]
     body = H - H % LANES
     for t in prange(T):
+        gy[t, :H] = grad_y[t]
+        gy[t, H:] = 0
         for j in range(k):
             r = rows[t, j]
             if r < 0:
                 grad_w[t, j] = 0.0
                 continue
+            src[r] = t
+            w_row[r] = weights[t, j]
             w = vsplat(weights[t, j])
             dot = vzero()
             for c in range(0, body, LANES):
-                gy = vload_bf16(grad_y, t * H + c)
-                dot = vfma(gy, vload_bf16(d, r * ld + c), dot)
-                g = vfma(w, gy, vzero())
-                vput(G, r * ld_g + c, g, stream)
-                vstore_bf16(G16, r * ld_16 + c, g)
+                g_y = vload_bf16(grad_y, t * H + c)
+                dot = vfma(g_y, vload_bf16(d, r * ld + c), dot)
+                vstore_bf16(G16, r * ld_16 + c, vfma(w, g_y, vzero()))
             s = np.float32(0.0)
             for c in range(body, H):
                 gy_c = bf16_to_f32(grad_y[t, c])
                 s += gy_c * bf16_to_f32(d[r, c])
-                G[r, c] = weights[t, j] * gy_c
-                G16[r, c] = f32_to_bf16(G[r, c])
-            G[r, H:] = 0
+                G16[r, c] = f32_to_bf16(weights[t, j] * gy_c)
             G16[r, H:] = 0
             grad_w[t, j] = vhsum(dot) + s
-
