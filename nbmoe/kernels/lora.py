@@ -6,7 +6,8 @@ columns into adapters stored side by side (gate | up), each with its own R colum
 of the small operand.
 
 - ``project``: ``out[m, g*R + q] = sum_{k in group g} M[m, k] * F[s, q, k]``
-  (``x A^T``, ``h A_down^T``, ``G B_down``, ``dg B_gate | du B_up``)
+  (``x A^T``, ``h A_down^T``, ``G B_down``, ``dg B_gate | du B_up``); G's rows are
+  gathered from grad_y and scaled by w (``src``, ``w_row``: G is never stored in fp32)
 - the GEMM epilogue (``gemm.grouped_gemm``) adds ``scale * out[m, g*R + :] @ F[s]``
 - ``outer``: ``acc[s, q, n] = sum_{m of s} v[m, g(n)*R + q] * M[m, n]``, the weight
   gradients (``dA = (G B)^T h``, ``dB^T = (x A^T)^T dg``, ...)
