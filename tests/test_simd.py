@@ -11,8 +11,8 @@ from nbmoe.kernels import isa
 from nbmoe.kernels.isa import vdequant_bf16
 from nbmoe.scratch import zeros as aligned_zeros
 from nbmoe.kernels.simd import (bf16_to_f32, f32_to_bf16, vcopy_line, vdequant, vfma, vhsum, vload, vload_bf16,
-                                vload_u8, vpair_hi, vpair_lo, vsplat, vsplat_at, vput, vstore, vstore_bf16,
-                                vtranspose8, vtranspose16, vzero)
+                                vload_strip, vload_u8, vpair_hi, vpair_lo, vsplat, vsplat_at, vput, vstore,
+                                vstore_bf16, vstrip_order, vtranspose8, vtranspose16, vzero, vzip_hi, vzip_lo)
 
 
 @njit
@@ -93,6 +93,39 @@ def test_vnni_pair_widening_and_fma():
     while tree.size > 1:
         tree = tree[:tree.size // 2] + tree[tree.size // 2:]
     assert total == tree[0]
+
+
+@njit
+def _strip(arr, i, lanes, ordered):
+    a0, a1 = vload_strip(arr, i)
+    vstore(lanes, 0, a0)
+    vstore(lanes, 16, a1)
+    o0, o1 = vstrip_order(arr, a0, a1)
+    vstore(ordered, 0, o0)
+    vstore(ordered, 16, o1)
+
+
+@njit
+def _zip(a, b, out):
+    x, y = vload(a, 0), vload(b, 0)
+    vstore(out, 0, vzip_lo(x, y))
+    vstore(out, 16, vzip_hi(x, y))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_strip_loads_in_its_lane_order_and_orders_back(dtype):
+    """vload_strip: 32 elements as two f32x16, bf16 even elements then odd ones (float32 in
+    order); vstrip_order turns them back into the 32 values in order, exactly."""
+    values = np.random.default_rng(0).standard_normal(40).astype(ml_dtypes.bfloat16).astype(np.float32)
+    arr = values.astype(ml_dtypes.bfloat16).view(np.uint16) if dtype == np.uint16 else values
+    lanes, ordered = np.empty(32, np.float32), np.empty(32, np.float32)
+    _strip(arr, 6, lanes, ordered)
+    strip = values[6:38]
+    expected = np.concatenate([strip[0::2], strip[1::2]]) if dtype == np.uint16 else strip
+    assert np.array_equal(lanes, expected) and np.array_equal(ordered, strip)
+    a, b, out = np.arange(16, dtype=np.float32), -np.arange(16, dtype=np.float32) - 1, np.empty(32, np.float32)
+    _zip(a, b, out)
+    assert np.array_equal(out, np.stack([a, b], axis=1).ravel())
 
 
 @njit

@@ -44,7 +44,7 @@ from numba import njit, prange
 from ..config import JIT, JIT_PARALLEL
 from .schedule import balanced
 from .simd import (LANES, as_f32, prefetch, prefetch_l2, vfma, vfma2, vhsum, vload, vload_f32, vsplat, vsplat_at,
-                   vstore, vtranspose16, vzero)
+                   vload_strip, vstore, vstrip_order, vtranspose16, vzero)
 
 MR = 4              # rows per ``project`` tile (a ``row_blocks`` item)
 PROJECT_RANKS = 4   # ranks per ``project`` tile: each row of M is loaded (and widened
@@ -390,8 +390,10 @@ def _outer_item(v, m, offsets, active, group, outs, index, scale, accumulate, i,
         prefetch(m, at + nxt)
         if m.itemsize == 4:
             prefetch(m, at + nxt + LANES)
-        a0 = vload_f32(m, at + n0)
-        a1 = vload_f32(m, at + n0 + LANES)
+        # bf16 as 16 pairs, even | odd columns, ordered back before the stores: one load,
+        # a shift and a mask, not two widening shuffles. Zen 4, 2 threads, 128 experts of
+        # 64 rows, R=32, H=2048 (``dA_gate|up``), alternated: 9.5-9.6 -> 9.1-9.2 ms
+        a0, a1 = vload_strip(m, at + n0)
         c00, c01 = vfma2(vsplat_at(v, vr), a0, a1, c00, c01)
         c10, c11 = vfma2(vsplat_at(v, vr + d1), a0, a1, c10, c11)
         c20, c21 = vfma2(vsplat_at(v, vr + d2), a0, a1, c20, c21)
@@ -403,6 +405,7 @@ def _outer_item(v, m, offsets, active, group, outs, index, scale, accumulate, i,
         vr += ldv
     for q, (c0, c1) in enumerate(((c00, c01), (c10, c11), (c20, c21), (c30, c31),
                                   (c40, c41), (c50, c51), (c60, c61), (c70, c71))):
+        c0, c1 = vstrip_order(m, c0, c1)
         vstore(sums, q * OUTER_COLS, c0)
         vstore(sums, q * OUTER_COLS + LANES, c1)
     for q in range(q0, q_last + 1):                 # scaled, added: apart from the loop's registers

@@ -370,6 +370,78 @@ def _vload_f32(arr, i):
     return None
 
 
+@intrinsic
+def vload_pairs(typingctx, arr, i):
+    """16 bf16 pairs at ``arr.flat[i:i+32]`` (uint16 bits) as a ``u32x16``: lane j holds
+    element ``i + 2j`` in its low half and ``i + 2j + 1`` in its high half."""
+    if not (_c_array(arr, types.uint16) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(lane_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], LLVM_I32X16),
+                            align=2)
+    return u32x16(arr, i), codegen
+
+
+def _zip(half):
+    mask = ir.Constant(ir.VectorType(_I32, LANES), [half * LANES // 2 + c // 2 + (LANES if c % 2 else 0)
+                                                     for c in range(LANES)])
+
+    def typer(typingctx, a, b):
+        if not (a == b == f32x16):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.shuffle_vector(args[0], args[1], mask)
+        return f32x16(a, b), codegen
+    return typer
+
+
+@intrinsic
+def vzip_lo(typingctx, a, b):
+    """Lanes 0..7 of ``a`` and ``b`` interleaved: ``(a0, b0, a1, b1, ..., a7, b7)``."""
+    return _zip(0)(typingctx, a, b)
+
+
+@intrinsic
+def vzip_hi(typingctx, a, b):
+    """Lanes 8..15 of ``a`` and ``b`` interleaved: ``(a8, b8, ..., a15, b15)``."""
+    return _zip(1)(typingctx, a, b)
+
+
+def vload_strip(arr, i):
+    """32 values ``arr.flat[i:i+32]`` of a float32 or bf16 (uint16 bits) array as two
+    ``f32x16`` in the strip's own lane order: float32 in order (``i..i+15``, ``i+16..i+31``),
+    bf16 as its 16 pairs, the even elements then the odd ones (one load, a shift and a
+    mask: no widening shuffles). ``vstrip_order`` turns sums kept in that order back."""
+
+
+@overload(vload_strip, jit_options=JIT)
+def _vload_strip(arr, i):
+    if _c_array(arr, types.uint16):
+        def pairs(arr, i):
+            w = vload_pairs(arr, i)
+            return vpair_lo(w), vpair_hi(w)
+        return pairs
+    if _c_array(arr, types.float32):
+        return lambda arr, i: (vload(arr, i), vload(arr, i + LANES))
+    return None
+
+
+def vstrip_order(arr, c0, c1):
+    """Two ``f32x16`` in ``vload_strip``'s lane order for ``arr``'s dtype, as 32 values in
+    order (the first 16, the last 16)."""
+
+
+@overload(vstrip_order, jit_options=JIT)
+def _vstrip_order(arr, c0, c1):
+    if _c_array(arr, types.uint16):
+        return lambda arr, c0, c1: (vzip_lo(c0, c1), vzip_hi(c0, c1))
+    if _c_array(arr, types.float32):
+        return lambda arr, c0, c1: (c0, c1)
+    return None
+
+
 def as_f32(x):
     """A float32 or bf16 (uint16 bits) scalar as float32."""
 
