@@ -2,7 +2,9 @@
 
 A ``ForwardCache`` holds everything backward reads, each array its own region:
 
-- the input ``x`` in token order (backward regathers it for the gate/up LoRA gradients),
+- the input ``x`` in token order, zero-padded to ``Hp`` in rows a line longer
+  (``gemm.longer``): backward's gate/up LoRA gradients read its rows through each pair's
+  token, down 32-column strips,
 - the routing: ``topk_ids``, ``topk_weights``, ``rows``, ``offsets``, ``order``,
   ``slot_of_expert``, ``active`` (backward restores this routing,
   never the current one),
@@ -25,7 +27,7 @@ import threading
 
 import numpy as np
 
-from .kernels.gemm import padded
+from .kernels.gemm import longer, padded
 from .scratch import ALIGN, new_array, zeros
 
 
@@ -49,7 +51,7 @@ class ForwardCache:
         self.P = 0
         self.n_active = 0
         self.tag = -1
-        self.x = alloc("x", (tokens, H), np.uint16)
+        self.x = alloc("x", (tokens, longer(Hp, np.uint16)), np.uint16)
         self.topk_ids = alloc("topk_ids", (tokens, k), np.int64)
         self.topk_weights = alloc("topk_weights", (tokens, k), np.float32)
         self.rows = alloc("rows", (tokens, k), np.int64)

@@ -325,7 +325,9 @@ class MoELayer:
             cache = None
             if save_for_backward:
                 cache = self._stack.reserve(T)
-                cache.parts[0].x[:T] = x16            # x and the routing: one copy the parts share
+                saved_x = cache.parts[0].x            # x and the routing: one copy the parts share
+                saved_x[:T, :self.hidden_size] = x16
+                saved_x[:T, self.hidden_size:] = 0
             # parts add their fp32 partial sums in part order, rounded once (one part: rounded directly)
             out = y if self.tp == 1 or partial else SHARED.array("tp.y32", (T, self.hidden_size), np.float32)
             for p, (part, packed) in enumerate(zip(self.parts, self._packed)):

@@ -21,9 +21,9 @@ def test_a_saved_forward_holds_what_its_call_needs_not_max_tokens():
     (cache,) = layer._stack.slots()
     held = cache.buffer.nbytes
     assert held == _counted(4, 64, 32, 4, 6, 2)
-    # the per-token bytes of docs/design.md §5 (2H + 20k + k (8 + 4Ip + 2Hp + 12r)), plus
-    # the per-expert routing arrays and the 64-byte alignment of 12 arrays
-    per_token = 2 * 64 + 20 * 2 + 2 * (8 + 4 * 32 + 2 * 64 + 12 * 4)
+    # the per-token bytes of docs/design.md §5 (2Hp + 64 + 20k + k (8 + 4Ip + 2Hp + 12r)),
+    # plus the per-expert routing arrays and the 64-byte alignment of 12 arrays
+    per_token = 2 * 64 + 64 + 20 * 2 + 2 * (8 + 4 * 32 + 2 * 64 + 12 * 4)
     assert bytes_per_token(64, 32, 4, 2) == per_token
     fixed = 8 * (3 * 4 + 1) + 64 * 12
     assert 6 * per_token <= held <= 6 * per_token + fixed

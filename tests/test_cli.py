@@ -151,7 +151,7 @@ def test_memory_prints_growth_against_the_bytes_it_expects():
     done = _run("memory", "--layers", "2", "-E", "4", "-k", "2", "-H", "64", "-I", "64", "-r", "2", "-T", "32",
                 "--project", "48")
     assert done.returncode == 0, done.stderr
-    per_token = 2 * 64 + 2 * 20 + 2 * (8 + 4 * 64 + 2 * 64 + 12 * 2)      # docs/design.md §5
+    per_token = 2 * 64 + 64 + 2 * 20 + 2 * (8 + 4 * 64 + 2 * 64 + 12 * 2)      # docs/design.md §5
     assert f"({per_token} bytes per token per layer)" in done.stdout
     assert "step 1: resident growth after the forwards" in done.stdout and "step 2:" in done.stdout
     assert "projected to 48 layers" in done.stdout

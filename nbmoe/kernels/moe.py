@@ -29,7 +29,7 @@ the factor buffers: B^T for the projections, both A into the epilogues)::
     project(dgu, [B_g|B_u]^T)           -> gb_gu = dg B_g | du B_u [P, 2r]
     grouped_gemm^T(dgu16, [W_g; W_u]) + s gb_gu [A_g; A_u] -> grad_x per pair [P, Hp] fp32
     combine_rows(grad_x per pair, 1)    -> grad_x [T, H] bf16
-    outer(...)                          -> dA_g, dA_u (from xs regathered), dB_g, dB_u (dgu),
+    outer(...)                          -> dA_g, dA_u (x[token]), dB_g, dB_u (dgu),
                                            dA_d (h), dB_d (gy[token], v = xa_d w), each times
                                            s: the A gradients into the caller's arrays where
                                            ``_in_place``
@@ -41,8 +41,10 @@ fp32: its two LoRA products gather grad_y's rows (bf16 as given) and scale by w,
 sum (``project``) or v (``outer``). Zen 4, 2 threads, Qwen3-30B-A3B layer, T=1024 step:
 the 67 MB G was written once past the caches and read twice from DRAM.
 
-Saved: x (token order), routing, gu, d (bf16), xa_gu, xa_d. Recomputed: xs (a gather),
+Saved: x (token order, padded), routing, gu, d (bf16), xa_gu, xa_d. Recomputed:
 h = silu(g) * u (one pass; bit-identical), sigmoid(g). Nothing else survives a call.
+Backward reads x's rows through each pair's token (``src``), not regathered into expert
+order: the 4 MB of x stay in L3 where the 34 MB gathered copy was written and read back.
 """
 
 import numba
@@ -275,13 +277,11 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate, add_inpu
     _combine(rows, np.ones((T, rows.shape[1]), np.float32), ws.d32, grads.input, add_input)
     if lora is None:
         return
-    k = rows.shape[1]
-    gather_rows(cache.x[:T], cache.order, k, P, ws.xs)
     runs = numba.get_num_threads()
     silu_mul(cache.gu, P, ws.h)                 # h again: one SiLU pass, not a saved tensor
     np.multiply(cache.xa_d[:P], ws.w_row[:P, None], out=ws.xa_w[:P])
     written = ()
-    for names, v, m, group, buffer, src in ((("gate_a", "up_a"), ws.gb_gu, ws.xs, Hp, ws.da_gu, _NO_ROWS),
+    for names, v, m, group, buffer, src in ((("gate_a", "up_a"), ws.gb_gu, cache.x, Hp, ws.da_gu, ws.src),
                                             (("gate_b", "up_b"), cache.xa_gu, ws.dgu, Ip, ws.dbt_gu, _NO_ROWS),
                                             (("down_a",), ws.gb_d, ws.h, Ip, ws.da_d, _NO_ROWS),
                                             (("down_b",), ws.xa_w, ws.gy, Hp, ws.dbt_d, ws.src)):
