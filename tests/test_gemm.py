@@ -151,6 +151,30 @@ def test_epilogue_turns_caller_b_as_load_does(route, R, groups):
 
 
 @pytest.mark.parametrize("route", ROUTE_PARAMS)
+@pytest.mark.parametrize("ranks", [(16, 16), (16,)])
+def test_backward_epilogue_reads_caller_a_as_load_does(route, ranks):
+    """The product by W^T takes the caller's A [E, R_j, Kp] (gate_a, up_a: ranks stacked;
+    or down_a alone) in place of the ``load`` buffer: each item copies its 32 columns of
+    every rank into the thread's tile, the same FMAs in the same order, the same bits."""
+    rng = np.random.default_rng(len(ranks))
+    E, N, K = 5, 64, 96
+    counts = np.array([0, 1, 3, 40, 9])                      # idle, one row, tail, blocks
+    offsets, P, active, slot_of_expert, _, packed, _ = _problem(rng, counts, 1, N, K)
+    at = rng.standard_normal((P + ROW_SLACK, N)).astype(BF16).view(np.uint16)
+    lora_l = rng.standard_normal((P, sum(ranks))).astype(np.float32)
+    As = tuple(rng.standard_normal((E, R, padded(K))).astype(np.float32) for R in ranks)
+    buffer = np.zeros((E, sum(ranks), padded(K) + 16), np.float32)
+    buffer[:, :, :padded(K)] = np.concatenate(As, axis=1)
+    outs = []
+    for lora_r in (buffer[active], As):
+        out32 = np.full((P, padded(K)), np.nan, np.float32)
+        grouped_gemm(isa.Route(route, ""), at.view(np.uint32), packed, offsets, slot_of_expert, lora_l, lora_r,
+                     padded(K), np.float32(0.5), out32, np.zeros((0, 0), np.uint16), transposed=True)
+        outs.append(out32)
+    assert not np.any(np.isnan(outs[0])) and np.array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("route", ROUTE_PARAMS)
 def test_outputs_stored_past_the_caches_hold_the_same_bits(route, monkeypatch):
     """Outputs over ``STREAM_BYTES`` (forced to 0 here) go out through non-temporal
     stores where aligned: the same fp32 and bf16 bits; unaligned ones are stored as ever."""

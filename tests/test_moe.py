@@ -81,8 +81,9 @@ def test_moe_mixed_lora_dtypes():
 @pytest.mark.parametrize("r", [16, 32])
 def test_moe_factors_read_in_place_or_loaded_alike(r):
     """float32 C-order factors of unpadded shapes are read where they lie in forward (B
-    turned per GEMM item: r a multiple of 16); others are loaded into the factor buffers
-    first (Fortran order here, same values): the same sums, bit for bit."""
+    turned per GEMM item: r a multiple of 16) and A in backward (its W^T epilogues);
+    others are loaded into the factor buffers first (Fortran order here, same values):
+    the same sums, bit for bit."""
     problem = Problem(seed=8, E=5, k=2, H=64, I=32, r=r, T=12)
     y, grads = problem.run(max_tokens=12)
     assert_close(problem, y, grads)

@@ -12,8 +12,9 @@ active slot. ``lora_l`` holds the LoRA down-projections of the rows (``x A^T``, 
 ``lora_r`` the per-slot up factors (``B^T``, ...) of ``lora.load``; ``group_n`` lets one
 GEMM carry two adapters side by side (gate | up). ``R == 0`` means no LoRA. In place of
 ``lora_r`` the forward passes the caller's B arrays themselves, one per group: each item
-turns its 32 x R block into the thread's scratch (``_item_lora``), so no copy of the
-factors is written and read back.
+turns its 32 x R block into the thread's scratch (``_item_lora``); the backward passes
+the caller's A arrays, each item copying its 32 columns of every rank there (the next
+item's hinted into L2: ``_hint_a``). No copy of the factors is written and read back.
 
 Layout (shared by every route and format)
 -----------------------------------------
@@ -302,16 +303,25 @@ def _drain_rest(held, steps, out):
 
 
 @njit(inline="always", **JIT)
-def _item_lora(e, slot, n0, lora_l, ups, up_flat, turned, group_n, scale, tile):
+def _item_lora(e, slot, n0, lora_l, ups, up_flat, turned, transposed, group_n, scale, tile):
     """The epilogue's ``lora`` tuple for item (``e``, columns ``n0 .. n0 + 31``).
 
-    ``ups`` (two float32 C arrays): with ``turned``, the caller's B factors [E, N_g, R]
-    of the groups (gate_b, up_b or down_b twice), whose 32 x R block the item turns
-    into ``tile`` [R * 32] (16 x 16 blocks in registers, ``vtranspose16``); else one
-    ``load`` buffer [S, R, >=Np] of B^T (or A) rows, read in place (``up_flat``: its
-    flat view).
+    ``ups`` (two float32 C arrays): with ``turned``, the caller's factors - in the product
+    by ``W``, B [E, N_g, R] of the groups (gate_b, up_b or down_b twice), whose 32 x R
+    block the item turns into ``tile`` [R * 32] (16 x 16 blocks in registers,
+    ``vtranspose16``); by ``W^T``, A [E, R_j, Kp] (gate_a, up_a or down_a twice) whose
+    ranks stack to the R of one group, the item's 32 columns of each rank copied into
+    ``tile``; else one ``load`` buffer [S, R, >=Np] of B^T (or A) rows, read in place
+    (``up_flat``: its flat view).
     """
     g = n0 // group_n
+    if turned and transposed:
+        R = lora_l.shape[1]
+        for q in range(R):
+            a, at = _a_row(ups, e, q, n0)
+            vstore(tile, q * TILE_N, vload(a, at))
+            vstore(tile, q * TILE_N + LANES, vload(a, at + LANES))
+        return lora_l, 0, tile, 0, TILE_N, R, scale
     if turned:
         b = ups[g]
         N, R = b.shape[1], b.shape[2]
@@ -322,6 +332,24 @@ def _item_lora(e, slot, n0, lora_l, ups, up_flat, turned, group_n, scale, tile):
         return lora_l, g * R, tile, 0, TILE_N, R, scale
     R, ld = ups[0].shape[1], ups[0].shape[2]
     return lora_l, g * R, up_flat, slot * R * ld + n0, ld, R, scale
+
+
+@njit(inline="always", **JIT)
+def _a_row(ups, e, q, n0):
+    """(array, flat offset) of column ``n0`` of rank ``q`` of expert ``e`` in the A
+    factors ``ups`` whose ranks stack."""
+    first = q < ups[0].shape[1]
+    a = ups[0] if first else ups[1]
+    return a, (e * a.shape[1] + (q if first else q - ups[0].shape[1])) * a.shape[2] + n0
+
+
+@njit(inline="always", **JIT)
+def _hint_a(ups, R, e, n0):
+    """Hint into L2 the lines ``_item_lora`` copies for item (``e``, ``n0``)."""
+    for q in range(R):
+        a, at = _a_row(ups, e, q, n0)
+        prefetch_l2(a, at)
+        prefetch_l2(a, at + LANES)
 
 
 def block_take(route, n, transposed):
@@ -908,7 +936,10 @@ def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed,
         for i in range(bounds[c], bounds[c + 1]):
             e = tasks[i, 0]
             n0 = tasks[i, 1] * TILE_N
-            lora = _item_lora(e, slot_of_expert[e], n0, lora_l, ups, up_flat, turned, group_n, scale, tile)
+            lora = _item_lora(e, slot_of_expert[e], n0, lora_l, ups, up_flat, turned, transposed, group_n, scale,
+                              tile)
+            if turned and transposed and i + 1 < bounds[c + 1]:
+                _hint_a(ups, lora_l.shape[1], tasks[i + 1, 0], tasks[i + 1, 1] * TILE_N)
             last = offsets[e + 1] - 1
             if not transposed and last - offsets[e] < decoding_rows(route):
                 if i + 1 < bounds[c + 1]:
@@ -975,9 +1006,10 @@ def grouped_gemm(route, a, w, offsets, slot_of_expert, lora_l, lora_r, group_n, 
     a [>=P + ROW_SLACK, Kp/2] uint32 (bf16 pairs, expert order); w: the ``PackedWeight``
     of ``W [E, N, K]``; offsets [E+1] int64; slot_of_expert [E] int64; lora_l [>=P, G*R]
     float32; lora_r: a ``load`` buffer [S, R, >=Np] float32 (per active slot: B^T, or A),
-    or a tuple of the caller's B arrays [E, N_g, R] float32, C order, one per group
-    (gate_b, up_b; or down_b), N_g == group_n, R a multiple of 16, read in place
-    (``_item_lora``); group_n: columns per LoRA group; out32 [>=P, Np]
+    or a tuple of the caller's arrays, float32, C order, read in place (``_item_lora``):
+    by ``W``, B [E, N_g, R], one per group (gate_b, up_b; or down_b), N_g == group_n, R
+    a multiple of 16; by ``W^T``, A [E, R_j, Kp] of one group (gate_a, up_a; or down_a),
+    ranks stacking to lora_l's columns; group_n: columns per LoRA group; out32 [>=P, Np]
     float32 or empty; out16 [>=P, Np] uint16 or empty. With ``transposed`` the product
     is by ``W^T`` from the same codes: ``a`` [.., Np/2], outputs ``Kp`` columns wide.
     """
@@ -986,7 +1018,7 @@ def grouped_gemm(route, a, w, offsets, slot_of_expert, lora_l, lora_r, group_n, 
     k2, tiles = (NB * 8, 2 * KP2 // TILE_N) if transposed else (KP2, NB * LANES // TILE_N)
     turned = isinstance(lora_r, tuple)
     ups = (lora_r * 2)[:2] if turned else (lora_r, lora_r)      # one type for both kinds: one compile
-    tile = ups[0].shape[2] * TILE_N if turned else 0
+    tile = (lora_l.shape[1] if transposed else ups[0].shape[2]) * TILE_N if turned else 0
     scratch = thread_scratch(SCRATCH + TMP + 2 * k2 * LANES + tile)
     tasks, bounds = make_tasks(offsets, slot_of_expert, tiles, scratch.shape[0])
     stream32, stream16 = streams(out32, offsets[-1]), streams(out16, offsets[-1])

@@ -24,7 +24,8 @@ scratch, stale from the last call). ``store`` is its mirror for the gradients.
 The forward reads no buffer where the caller's arrays allow (float32, C order,
 unpadded: ``kernels.moe``): ``project`` takes A as a tuple of arrays whose ranks stack
 (gate_a, up_a), indexed by expert instead of slot, and the GEMM epilogue turns B per
-item (``gemm._item_lora``). The backward loads: its projections need B^T whole. Its
+item (``gemm._item_lora``). The backward loads B^T: its projections need it whole; its
+GEMM epilogues read A where the caller keeps it, as the forward's projections do. Its
 ``outer`` writes the A gradients into the caller's arrays alike (scaled, added to), and
 only the B gradients go through the buffers and ``store``.
 
