@@ -393,7 +393,8 @@ def _outer_item(v, m, offsets, active, group, outs, index, scale, accumulate, i,
             prefetch(m, at + nxt + LANES)
         # bf16 as 16 pairs, even | odd columns, ordered back before the stores: one load,
         # a shift and a mask, not two widening shuffles. Zen 4, 2 threads, 128 experts of
-        # 64 rows, R=32, H=2048 (``dA_gate|up``), alternated: 9.5-9.6 -> 9.1-9.2 ms
+        # 64 rows, R=32, H=2048 (``dA_gate|up``), four alternated runs, old / new: 9.57 /
+        # 9.21, 9.60 / 9.13, 12.67 / 12.53, 9.53 / 9.68 ms
         a0, a1 = vload_strip(m, at + n0)
         c00, c01 = vfma2(vsplat_at(v, vr), a0, a1, c00, c01)
         c10, c11 = vfma2(vsplat_at(v, vr + d1), a0, a1, c10, c11)
