@@ -345,7 +345,10 @@ def _a_row(ups, e, q, n0):
 
 @njit(inline="always", **JIT)
 def _hint_a(ups, R, e, n0):
-    """Hint into L2 the lines ``_item_lora`` copies for item (``e``, ``n0``)."""
+    """Hint into L2 the lines ``_item_lora`` copies for item (``e``, ``n0``): the item
+    before asks for them. Zen 4, 2 threads, the backward gate_up GEMM of a T=1024 batch
+    (8192 rows, 128 experts), R=32, alternated with reading the ``load`` buffer: 143.5-147.5
+    ms from the buffer, 145.2-146.0 in place with the hints, 2.2-2.4 ms slower without."""
     for q in range(R):
         a, at = _a_row(ups, e, q, n0)
         prefetch_l2(a, at)

@@ -272,10 +272,9 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate, add_inpu
     if lora is not None:
         # B^T loaded (the projections need it whole), A read in place by the GEMM items
         # (``gemm._item_lora``). Zen 4, 2 threads, T=1024 step of the Qwen3-30B-A3B layer,
-        # alternated: _load_lora 5.1 / 5.5 -> 2.2 / 2.6 ms; the backward gate_up GEMM alone
-        # 143.5-147.5 ms from the buffer, 145.0-146.0 in place (+2.2 ms without ``_hint_a``)
-        a_gu, a_d = (f or buffer for f, buffer in zip(
-            _factors_in_place(lora, cache, ws, Ip, Hp, (("gate_a", "up_a"), ("down_a",))), (ws.a_gu, ws.a_d)))
+        # alternated: _load_lora 5.1 / 5.5 -> 2.2 / 2.6 ms, the W^T GEMMs tied
+        caller_gu, caller_d = _factors_in_place(lora, cache, ws, Ip, Hp, (("gate_a", "up_a"), ("down_a",)))
+        a_gu, a_d = caller_gu or ws.a_gu, caller_d or ws.a_d
         row_items = row_blocks(cache.offsets, cache.active, S)
         project(ws.gy, cache.offsets, row_items, cache.slot_of_expert, (ws.bt_d,), Hp, ws.gb_d, ws.src, ws.w_row)
     grouped_gemm(route, ws.G16.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert,

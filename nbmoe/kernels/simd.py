@@ -383,30 +383,27 @@ def vload_pairs(typingctx, arr, i):
     return u32x16(arr, i), codegen
 
 
-def _zip(half):
-    mask = ir.Constant(ir.VectorType(_I32, LANES), [half * LANES // 2 + c // 2 + (LANES if c % 2 else 0)
-                                                     for c in range(LANES)])
+def _zip(a, b, first):
+    """Typing and codegen of lanes ``first .. first + 7`` of ``a`` and ``b`` interleaved."""
+    if not (a == b == f32x16):
+        return None
+    mask = ir.Constant(ir.VectorType(_I32, LANES), [first + c // 2 + (LANES if c % 2 else 0) for c in range(LANES)])
 
-    def typer(typingctx, a, b):
-        if not (a == b == f32x16):
-            return None
-
-        def codegen(context, builder, sig, args):
-            return builder.shuffle_vector(args[0], args[1], mask)
-        return f32x16(a, b), codegen
-    return typer
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], args[1], mask)
+    return f32x16(a, b), codegen
 
 
 @intrinsic
 def vzip_lo(typingctx, a, b):
     """Lanes 0..7 of ``a`` and ``b`` interleaved: ``(a0, b0, a1, b1, ..., a7, b7)``."""
-    return _zip(0)(typingctx, a, b)
+    return _zip(a, b, 0)
 
 
 @intrinsic
 def vzip_hi(typingctx, a, b):
     """Lanes 8..15 of ``a`` and ``b`` interleaved: ``(a8, b8, ..., a15, b15)``."""
-    return _zip(1)(typingctx, a, b)
+    return _zip(a, b, LANES // 2)
 
 
 def vload_strip(arr, i):
