@@ -229,23 +229,22 @@ def test_held_rows_store_the_bits_of_direct_stores(route, K, monkeypatch):
 
 
 @numba.njit
-def _blocks(route, n, transposed):
+def _blocks(route, n):
     """The row counts ``block_take`` gives the blocks of an expert of ``n`` rows, in order."""
     takes, m = [0], 0
     while m < n:
-        takes.append(gemm.block_take(route, n - m, transposed))
+        takes.append(gemm.block_take(route, n - m))
         m += takes[-1]
     return takes[1:]
 
 
-@pytest.mark.parametrize("route, transposed, sizes", [("avx512_bf16", False, {8, 12}), ("avx512_bf16", True, {8}),
-                                                     ("avx512", False, {4}), ("amx", True, {32})])
-def test_blocks_cover_an_expert(route, transposed, sizes):
-    # avx512_bf16's forward 12- and 8-row blocks: a clamped tail of an expert of 8 rows or
-    # more repeats at most 3 rows (8-row blocks alone: up to 5; fewer than 8 rows are one
-    # 8-row block); a tail of fewer than CLAMP_ROWS rows runs row by row
+@pytest.mark.parametrize("route, sizes", [("avx512_bf16", {8, 12}), ("avx512", {4}), ("amx", {32})])
+def test_blocks_cover_an_expert(route, sizes):
+    # avx512_bf16's 12- and 8-row blocks, both directions: a clamped tail of an expert of 8
+    # rows or more repeats at most 3 rows (8-row blocks alone: up to 5; fewer than 8 rows
+    # are one 8-row block); a tail of fewer than CLAMP_ROWS rows runs row by row
     for n in range(1, 300):
-        takes = _blocks(isa.Route(route, ""), n, transposed)
+        takes = _blocks(isa.Route(route, ""), n)
         assert set(takes) <= sizes and sum(takes) >= n > sum(takes) - takes[-1]
         tail = n - (sum(takes) - takes[-1])
         if sizes == {8, 12} and n >= gemm.MR_BF16 and tail >= gemm.CLAMP_ROWS:

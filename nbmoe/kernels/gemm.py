@@ -355,29 +355,33 @@ def _hint_a(ups, R, e, n0):
         prefetch_l2(a, at + LANES)
 
 
-def block_take(route, n, transposed):
+def block_take(route, n):
     """Rows the next ``_block`` call covers on ``route`` when the expert has ``n`` rows
-    left (a tail block clamps them to its last), in the product by ``W`` or by ``W^T``."""
+    left (a tail block clamps them to its last), in the product by ``W`` and by ``W^T``."""
 
 
 @overload(block_take, jit_options=JIT)
-def _block_take(route, n, transposed):
-    """avx512_bf16's forward cuts an expert into 12- and 8-row blocks, as many 12 as leave
-    a whole number of 8 for the rest rounded up to 4 rows (16 left: two 8), so a tail
-    repeats at most 3 rows, not 5 (a clamped tail costs a whole block; one or two rows
-    alone as much: they stream the block's weights for two chains of products). Zen 5, 2
-    threads, 128 experts with the real row counts of a T=1024 batch (42-79 each), R=16,
-    alternated with 8-row blocks: W [2048, 768] 42.3 / 41.2 -> 38.3 / 37.3 ms; the layer's
-    T=1024 step, forward gate_up 59.7 / 57.9 -> 57.4 / 55.5, forward down 36.6 / 34.3 ->
-    34.6 / 32.5. The backward keeps 8: its 12-row blocks lost up to 5% (W^T of [1536,
-    2048], 96 rows each: 94.6 -> 101.3 ms), its layer GEMMs no better."""
+def _block_take(route, n):
+    """avx512_bf16 cuts an expert into 12- and 8-row blocks, as many 12 as leave a whole
+    number of 8 for the rest rounded up to 4 rows (16 left: two 8), so a tail repeats at
+    most 3 rows, not 5 (a clamped tail costs a whole block; one or two rows alone as much:
+    they stream the block's weights for two chains of products). Zen 5, 2 threads, 128
+    experts with the real row counts of a T=1024 batch (42-79 each), R=16, alternated with
+    8-row blocks: W [2048, 768] 42.3 / 41.2 -> 38.3 / 37.3 ms; the layer's T=1024 step,
+    forward gate_up 59.7 / 57.9 -> 57.4 / 55.5, forward down 36.6 / 34.3 -> 34.6 / 32.5.
+    The backward too: on Zen 5 its 12-row blocks had lost up to 5% (W^T of [1536, 2048],
+    96 rows each: 94.6 -> 101.3 ms) and its layer GEMMs tied, but on Zen 4 (2 threads,
+    the row counts of a uniform T=1024 batch, R=16, three alternated runs of 40) they
+    gain: W^T of [1536, 2048] best 146.1 / 148.4 / 147.0 -> 143.9 / 145.2 / 144.7 ms,
+    of [2048, 768] 70.9 / 72.6 / 77.6 -> 67.8 / 70.7 / 72.8; the T=1024 step best 477.7
+    -> 458.3 ms (30 alternated rounds), T=128 tied (160.7 / 159.8)."""
     if route.route == "avx512_bf16":
-        def impl(route, n, transposed):
+        def impl(route, n):
             r4 = (n + 3) // 4 * 4
-            return MR_WIDE if not transposed and r4 >= MR_WIDE and r4 != 2 * MR_BF16 else MR_BF16
+            return MR_WIDE if r4 >= MR_WIDE and r4 != 2 * MR_BF16 else MR_BF16
         return impl
     rows = {"generic": MR, "avx512": MR, "amx": MR_AMX}[route.route]
-    return lambda route, n, transposed: rows
+    return lambda route, n: rows
 
 
 # Forward: experts with at most this many rows decode each pair vector in registers once
@@ -958,7 +962,7 @@ def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed,
             blocks = 0
             m = offsets[e]
             while m <= last:
-                m += block_take(route, last - m + 1, transposed)
+                m += block_take(route, last - m + 1)
                 blocks += 1
             base, lines, shift, stride = 0, 0, ONE_RUN, 0
             if blocks >= HINT_BLOCKS and i + 1 < bounds[c + 1]:
@@ -967,7 +971,7 @@ def _grouped_gemm(route, a, codes, flat, scales, zeros, group_pairs, transposed,
             for j in range(blocks):                 # the next item's codes, a share per block
                 first = lines * j // blocks
                 plan = (base, first, lines * (j + 1) // blocks - first, shift, stride, 64 // flat.itemsize, transposed)
-                take = block_take(route, last - m + 1, transposed)
+                take = block_take(route, last - m + 1)
                 _block(route, a, m, last, take, src, w0, k2, n0, lora, out, held, flat, plan)
                 m += take
         if out[4]:
