@@ -25,12 +25,14 @@ def test_silu_mul_forward_and_backward(P, Ip, seed):
 
     grad_h = rng.standard_normal((P, Ip)).astype(np.float32)
     dgu, dgu16 = np.empty((P, 2 * Ip), np.float32), np.empty((P, 2 * Ip), np.uint16)
-    silu_mul_backward(grad_h, gu.view(np.uint16), P, dgu, dgu16, False)
+    h_again = np.empty((P, Ip), np.uint16)
+    silu_mul_backward(grad_h, gu.view(np.uint16), P, dgu, dgu16, h_again, False)
+    assert np.array_equal(h_again, h)                          # the forward's h, bit for bit
     dg = grad_h * u * sig * (1 + g * (1 - sig))
     du = grad_h * g * sig
     assert rel(dgu[:, :Ip], dg) < 1e-5 and rel(dgu[:, Ip:], du) < 1e-5
     assert np.array_equal(dgu16, dgu.astype(BF16).view(np.uint16))
     # stored past the caches (aligned rows, as gemm.streams requires): the same bits
     past, past16 = aligned_zeros((P, 2 * Ip), np.float32), aligned_zeros((P, 2 * Ip), np.uint16)
-    silu_mul_backward(grad_h, gu.view(np.uint16), P, past, past16, True)
+    silu_mul_backward(grad_h, gu.view(np.uint16), P, past, past16, np.zeros((0, 0), np.uint16), True)  # no h
     assert np.array_equal(past, dgu) and np.array_equal(past16, dgu16)

@@ -26,7 +26,8 @@ them, as the forward reads B, else loaded too)::
                                            gy = grad_y padded, each row's token and w
     project(G, B_d^T)                   -> gb_d = G B_d [P, r]   (G = w gy[token] on the fly)
     grouped_gemm^T(G16, W_d) + s gb_d A_d -> grad_h [P, Ip] fp32
-    silu_mul_backward(grad_h, gu)       -> dgu = dg | du [P, 2Ip] fp32 (+ bf16 dgu16)
+    silu_mul_backward(grad_h, gu)       -> dgu = dg | du [P, 2Ip] fp32 (+ bf16 dgu16),
+                                           h again (with LoRA, for dA_d: the forward's bits)
     project(dgu, [B_g|B_u]^T)           -> gb_gu = dg B_g | du B_u [P, 2r]
     grouped_gemm^T(dgu16, [W_g; W_u]) + s gb_gu [A_g; A_u] -> grad_x per pair [P, Hp] fp32
     combine_rows(grad_x per pair, 1)    -> grad_x [T, H] bf16
@@ -43,7 +44,8 @@ sum (``project``) or v (``outer``). Zen 4, 2 threads, Qwen3-30B-A3B layer, T=102
 the 67 MB G was written once past the caches and read twice from DRAM.
 
 Saved: x (token order, padded), routing, gu, d (bf16), xa_gu, xa_d. Recomputed:
-h = silu(g) * u (one pass; bit-identical), sigmoid(g). Nothing else survives a call.
+h = silu(g) * u and sigmoid(g), both in ``silu_mul_backward`` (one exp; h bit-identical).
+Nothing else survives a call.
 Backward reads x's rows through each pair's token (``src``), not regathered into expert
 order: the 4 MB of x stay in L3 where the 34 MB gathered copy was written and read back.
 """
@@ -279,7 +281,8 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate, add_inpu
         project(ws.gy, cache.offsets, row_items, cache.slot_of_expert, (ws.bt_d,), Hp, ws.gb_d, ws.src, ws.w_row)
     grouped_gemm(route, ws.G16.view(np.uint32), packed.d, cache.offsets, cache.slot_of_expert,
                  ws.gb_d, a_d, Ip, scale, ws.grad_h, _EMPTY_U16, transposed=True)
-    silu_mul_backward(ws.grad_h, cache.gu, P, ws.dgu, ws.dgu16, streams(ws.dgu, P))
+    silu_mul_backward(ws.grad_h, cache.gu, P, ws.dgu, ws.dgu16, ws.h if lora is not None else _EMPTY_U16,
+                      streams(ws.dgu, P))
     if lora is not None:
         project(ws.dgu, cache.offsets, row_items, cache.slot_of_expert, (ws.bt_gu,), Ip, ws.gb_gu, _NO_ROWS,
                 _NO_SCALES)
@@ -289,7 +292,6 @@ def backward(route, packed, lora, cache, ws, grad_y, grads, accumulate, add_inpu
     if lora is None:
         return
     runs = numba.get_num_threads()
-    silu_mul(cache.gu, P, ws.h)                 # h again: one SiLU pass, not a saved tensor
     np.multiply(cache.xa_d[:P], ws.w_row[:P, None], out=ws.xa_w[:P])
     written = ()
     for names, v, m, group, buffer, src in ((("gate_a", "up_a"), ws.gb_gu, cache.x, Hp, ws.da_gu, ws.src),
