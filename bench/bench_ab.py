@@ -6,8 +6,9 @@ extracted (``git archive``) into a temporary directory under another name, both 
 are built on the same weights, routing and gradients, and their runs alternate (ABBA) in
 one process: both see the same minutes of the host. First it checks that both give the
 same bits (output and every gradient). Qwen3-30B-A3B layer, r=16, uniform routing, the
-best route of this CPU. Run: ``python bench/bench_ab.py REV [--T 1024] [--rounds 30]
-[--pass step|fwd] [--format F]`` from the repository (``bench/RESULTS.md`` has the numbers).
+best route of this CPU. Run: ``python bench/bench_ab.py REV [T] [--rounds N] [--pass
+step|fwd] [--format F]`` from the repository (T 1024, 30 rounds unless given;
+``bench/RESULTS.md`` has the numbers).
 """
 
 import argparse
@@ -19,6 +20,8 @@ import tempfile
 import time
 
 import numpy as np
+
+import nbmoe
 
 FIELDS = ("input", "topk_weights", "gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 
@@ -61,12 +64,11 @@ def same_bits(a, b, training):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rev", help="the commit to compare this checkout against")
-    parser.add_argument("--T", type=int, default=1024)
+    parser.add_argument("T", type=int, nargs="?", default=1024)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--pass", dest="which", choices=("step", "fwd"), default="step")
     parser.add_argument("--format", default="bf16")
     args = parser.parse_args()
-    import nbmoe
     training = args.which == "step"
     with tempfile.TemporaryDirectory() as into:
         packages = (nbmoe, other_package(args.rev, into))
