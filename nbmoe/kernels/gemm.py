@@ -90,6 +90,7 @@ from numba.extending import overload
 
 from ..config import JIT, JIT_PARALLEL
 from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdequant_bf16, vdpbf16
+from .lora import rank_row
 from .schedule import balanced
 from .simd import (LANES, f32_from_bits, prefetch, prefetch_l2, vdequant, vfma2, vload, vload_bf16, vload_u8,
                    vcopy_line, vpair_hi, vpair_lo, vput, vsplat, vsplat_pair, vstore, vtranspose8, vtranspose16,
@@ -318,9 +319,9 @@ def _item_lora(e, slot, n0, lora_l, ups, up_flat, turned, transposed, group_n, s
     if turned and transposed:
         R = lora_l.shape[1]
         for q in range(R):
-            a, at = _a_row(ups, e, q, n0)
-            vstore(tile, q * TILE_N, vload(a, at))
-            vstore(tile, q * TILE_N + LANES, vload(a, at + LANES))
+            a, at = rank_row(ups, e, q)
+            vstore(tile, q * TILE_N, vload(a, at + n0))
+            vstore(tile, q * TILE_N + LANES, vload(a, at + n0 + LANES))
         return lora_l, 0, tile, 0, TILE_N, R, scale
     if turned:
         b = ups[g]
@@ -335,24 +336,15 @@ def _item_lora(e, slot, n0, lora_l, ups, up_flat, turned, transposed, group_n, s
 
 
 @njit(inline="always", **JIT)
-def _a_row(ups, e, q, n0):
-    """(array, flat offset) of column ``n0`` of rank ``q`` of expert ``e`` in the A
-    factors ``ups`` whose ranks stack."""
-    first = q < ups[0].shape[1]
-    a = ups[0] if first else ups[1]
-    return a, (e * a.shape[1] + (q if first else q - ups[0].shape[1])) * a.shape[2] + n0
-
-
-@njit(inline="always", **JIT)
 def _hint_a(ups, R, e, n0):
     """Hint into L2 the lines ``_item_lora`` copies for item (``e``, ``n0``): the item
     before asks for them. Zen 4, 2 threads, the backward gate_up GEMM of a T=1024 batch
     (8192 rows, 128 experts), R=32, alternated with reading the ``load`` buffer: 143.5-147.5
     ms from the buffer, 145.2-146.0 in place with the hints, 2.2-2.4 ms slower without."""
     for q in range(R):
-        a, at = _a_row(ups, e, q, n0)
-        prefetch_l2(a, at)
-        prefetch_l2(a, at + LANES)
+        a, at = rank_row(ups, e, q)
+        prefetch_l2(a, at + n0)
+        prefetch_l2(a, at + n0 + LANES)
 
 
 def block_take(route, n):

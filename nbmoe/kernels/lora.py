@@ -214,10 +214,10 @@ def project(m, offsets, items, index, fs, group, out, src, w_row):
             for q0 in range(0, R, PROJECT_RANKS):
                 hint = ahead and q0 == 0
                 q1, q2, q3 = min(q0 + 1, R - 1), min(q0 + 2, R - 1), min(q0 + 3, R - 1)
-                a0, f0 = _rank_row(fs, s, q0)
-                a1, f1 = _rank_row(fs, s, q1)
-                a2, f2 = _rank_row(fs, s, q2)
-                a3, f3 = _rank_row(fs, s, q3)
+                a0, f0 = rank_row(fs, s, q0)
+                a1, f1 = rank_row(fs, s, q1)
+                a2, f2 = rank_row(fs, s, q2)
+                a3, f3 = rank_row(fs, s, q3)
                 c00, c01, c02, c03 = vzero(), vzero(), vzero(), vzero()
                 c10, c11, c12, c13 = vzero(), vzero(), vzero(), vzero()
                 c20, c21, c22, c23 = vzero(), vzero(), vzero(), vzero()
@@ -249,8 +249,9 @@ def project(m, offsets, items, index, fs, group, out, src, w_row):
 
 
 @njit(inline="always", **JIT)
-def _rank_row(fs, s, q):
-    """(array, flat offset) of rank ``q`` of position ``s`` among the ranks of ``fs``."""
+def rank_row(fs, s, q):
+    """(array, flat offset) of rank ``q`` of position ``s`` among the ranks of ``fs``: a tuple
+    of float32 C arrays [*, R_j, W] whose ranks stack (gate_a, up_a; a buffer alone)."""
     for j in range(len(fs) - 1):
         if q < fs[j].shape[1]:
             return fs[j], (s * fs[j].shape[1] + q) * fs[j].shape[2]
@@ -373,7 +374,7 @@ def _outer_item(v, m, offsets, active, group, outs, index, scale, accumulate, i,
     # threads, T=1024 step accumulating: the four outer products 20.7-21.0 -> 19.5-20.5 ms
     if accumulate:
         for q in range(q0, q_last + 1):
-            out, at = _rank_row(outs, pos, q)
+            out, at = rank_row(outs, pos, q)
             prefetch(out, at + n0)
             prefetch(out, at + n0 + LANES)
     ldv = v.shape[1]
@@ -411,7 +412,7 @@ def _outer_item(v, m, offsets, active, group, outs, index, scale, accumulate, i,
         vstore(sums, q * OUTER_COLS, c0)
         vstore(sums, q * OUTER_COLS + LANES, c1)
     for q in range(q0, q_last + 1):                 # scaled, added: apart from the loop's registers
-        out, at = _rank_row(outs, pos, q)
+        out, at = rank_row(outs, pos, q)
         for half in range(0, OUTER_COLS, LANES):
             _store_scaled(out, at + n0 + half, vload(sums, (q - q0) * OUTER_COLS + half), scale, accumulate)
 
