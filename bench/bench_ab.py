@@ -12,8 +12,8 @@ bytes (``share_weights``): two copies in two places of memory can time apart by
 themselves. Zen 4, 2 threads, one commit against itself (A/A): the T=1024 backward down
 GEMM alone (W^T of [2048, 768], int4_k2), 30 alternated rounds, 79.0 / 69.9 ms median with
 a copy each, 72.4 / 71.8 on one copy; the whole T=1024 step, 20 rounds in a noisy hour
-(medians 498-541 ms), medians 1.7% and 0.4% apart on one copy, 2.7% and 0.3% with a copy
-each - so in such an hour a change under ~2% is not resolved.
+(medians 498-541 ms), medians 1.5%, 1.7% and 0.4% apart on one copy, 2.7% and 0.3% with a
+copy each - so in such an hour a change under ~2% is not resolved.
 
 The extracted package is kept under ``$XDG_CACHE_HOME/nbmoe/bench_ab/<commit>``
 (``~/.cache`` by default), so Numba's cache of its kernels outlives the run: a second run
@@ -58,26 +58,28 @@ def other_package(rev):
     return importlib.import_module("nbmoe_other")
 
 
+def same(u, v):
+    """Whether ``u`` and ``v`` are equal: arrays of one dtype and the same bytes, else ``==``."""
+    if isinstance(u, np.ndarray) or isinstance(v, np.ndarray):
+        u, v = np.asarray(u), np.asarray(v)
+        return u.dtype == v.dtype and np.array_equal(u.view(np.uint8), v.view(np.uint8))
+    return u == v
+
+
+def same_store(a, b):
+    """Whether two stored weights have the same fields, each ``same`` (``b`` may be None)."""
+    wa, wb = vars(a), getattr(b, "__dict__", {})
+    return wa.keys() == wb.keys() and all(same(wa[k], wb[k]) for k in wa)
+
+
 def share_weights(this, other):
-    """Point ``other``'s layer at ``this``'s packed base weights if both hold the same
-    arrays (the same bytes of every code, scale and zero array); whether it did."""
+    """Point ``other``'s layer at ``this``'s packed base weights if each part stores the
+    same fields (every code, scale and zero array the same bytes); whether it did."""
     mine, theirs = getattr(this, "_packed", None), getattr(other, "_packed", None)
     if mine is None or theirs is None or len(mine) != len(theirs):
         return False
-    for a, b in zip(mine, theirs):
-        for name in ("gu", "d"):
-            if not hasattr(b, name):
-                return False
-            wa, wb = vars(getattr(a, name)), vars(getattr(b, name))
-            if wa.keys() != wb.keys():
-                return False
-            for key, value in wa.items():
-                if isinstance(value, np.ndarray):
-                    if not (isinstance(wb[key], np.ndarray) and value.dtype == wb[key].dtype
-                            and np.array_equal(value, wb[key])):
-                        return False
-                elif value != wb[key]:
-                    return False
+    if not all(same_store(getattr(a, n), getattr(b, n, None)) for a, b in zip(mine, theirs) for n in ("gu", "d")):
+        return False
     other._packed = mine
     return True
 
@@ -101,9 +103,7 @@ def step_of(package, T, fmt, training):
 
 
 def same_bits(a, b, training):
-    def eq(u, v):
-        return np.array_equal(np.asarray(u).view(np.uint8), np.asarray(v).view(np.uint8))
-    return eq(a["y"], b["y"]) and (not training or all(eq(getattr(a["g"], f), getattr(b["g"], f)) for f in FIELDS))
+    return same(a["y"], b["y"]) and (not training or all(same(getattr(a["g"], f), getattr(b["g"], f)) for f in FIELDS))
 
 
 def main():
