@@ -120,6 +120,8 @@ def test_every_route_compiles_to_its_instructions(fmt):
         assert asm[f"avx512_bf16/{fmt}"]["vcvtdq2ps"] == 0 and amx["vcvtdq2ps"] == 0
     elif fmt != "bf16":
         assert asm[f"avx512_bf16/{fmt}"]["vcvtdq2ps"] and amx["vcvtdq2ps"]
+    if fmt.startswith("int4"):  # the backward turns the codes and looks levels up (isa.vturn4_bf16)
+        assert asm[f"avx512_bf16/{fmt}"]["vpermw"] >= 8 and amx["vpermw"] >= 8
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 from nbmoe.kernels import isa
-from nbmoe.kernels.isa import vdequant_bf16
+from nbmoe.kernels.isa import vdequant_bf16, vturn4_bf16
 from nbmoe.scratch import zeros as aligned_zeros
 from nbmoe.kernels.simd import (bf16_to_f32, f32_to_bf16, vcopy_line, vdequant, vfma, vhsum, vload, vload_bf16,
                                 vload_strip, vload_u8, vpair_hi, vpair_lo, vsplat, vsplat_at, vput, vstore,
@@ -187,6 +187,39 @@ def test_transpose8_turns_pairs_along_k_into_pairs_along_n():
     _transpose(along_k, out)
     along_n = w.reshape(8, 2, 16).transpose(0, 2, 1).copy().view(np.uint32)[..., 0]     # [q][k]
     assert np.array_equal(out, along_n)
+
+
+@njit
+def _turn_both_ways(codes, scales, scales32, zeros, decoded, turned, direct, awq):
+    # every block of 128 code bytes with its own 16 scales: decode 8 vectors, then
+    # vtranspose8 them (the portable order of work), and vturn4_bf16 in one step
+    for b in range(codes.size // 128):
+        s = vload(scales32, 16 * b)
+        for p in range(8):
+            at = 128 * b + 16 * p
+            vstore(decoded, at, vdequant_bf16(codes, at, vload_u8(zeros, 16 * b), s) if awq
+                   else vdequant_bf16(codes, at, 8, s))
+        vtranspose8(decoded, 128 * b, turned, 128 * b)
+        vturn4_bf16(codes, 128 * b, scales, zeros, 16 * b, direct, 128 * b)
+
+
+@pytest.mark.parametrize("awq", [False, True])
+def test_turn4_gives_the_bits_of_decode_then_transpose(awq):
+    # random nibbles, every zero point (int4_awq) or the one zero 8 (int4_k2), scales of
+    # every magnitude and the special ones (0, -0, +-inf, NaN, subnormal): the same bits
+    if "avx512_bf16" not in isa.runnable():
+        pytest.skip("vturn4_bf16 needs AVX512_BF16, which this CPU lacks (its route decodes, then transposes)")
+    rng = np.random.default_rng(awq)
+    blocks = 512
+    codes = rng.integers(0, 256, 128 * blocks).astype(np.uint8)
+    scales = (rng.standard_normal(16 * blocks) * 2.0 ** rng.integers(-30, 30, 16 * blocks)).astype(np.float32)
+    scales[:6] = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40]
+    zeros = rng.integers(0, 16, 16 * blocks).astype(np.uint8) if awq else np.zeros(0, np.uint8)
+    stored = scales if awq else scales.astype(ml_dtypes.bfloat16).view(np.uint16)
+    scales32 = scales if awq else stored.view(ml_dtypes.bfloat16).astype(np.float32)
+    decoded, turned, direct = (np.zeros(128 * blocks, np.uint32) for _ in range(3))
+    _turn_both_ways(codes, stored, scales32, zeros, decoded, turned, direct, awq)
+    assert np.array_equal(direct, turned)
 
 
 @njit

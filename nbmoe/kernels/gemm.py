@@ -44,8 +44,10 @@ lanes a step) into the thread's scratch - or, for an expert with a few rows (up 
 ``decoding_rows``: 4 where ``vdpbf16ps`` runs), decodes each pair vector in registers once
 for all its rows (``_rows_decoding``), its quantized codes hinted ahead (``_ahead``, and
 the next item's first lines and scales: ``_ahead_item``). The backward
-product (by ``W^T``, output columns along K) needs pairs along N: each item decodes its
-32 columns of ``W^T`` from the same codes, 16 x 16 blocks through ``vtranspose8``. Both
+product (by ``W^T``, output columns along K) needs pairs along N: each item turns its 32
+columns of ``W^T`` from the same codes, 16 x 16 blocks at a time (``_turn8``): bf16 pairs
+through ``vtranspose8``, 4-bit codes on the bf16 routes turned first and then looked up
+in each output pair's 32 bf16 levels (``isa.vturn4_bf16``). Both
 directions therefore multiply by the same bf16 values, bit for bit, and nothing but the
 one stored copy lives between calls (like a BLAS packing B panels, per thread, in cache).
 
@@ -89,7 +91,7 @@ from numba import types
 from numba.extending import overload
 
 from ..config import JIT, JIT_PARALLEL
-from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdequant_bf16, vdpbf16
+from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdequant_bf16, vdpbf16, vturn4_bf16
 from .lora import rank_row
 from .schedule import balanced
 from .simd import (LANES, f32_from_bits, prefetch, prefetch_l2, vdequant, vfma2, vload, vload_bf16, vload_u8,
@@ -742,31 +744,41 @@ def _forward_panel_format(route, codes, flat, scales, zeros, group_pairs, e, nb0
     return impl
 
 
-def _pairs8(route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp):
-    """(array, offset) of the 8 vectors of pairs ``p .. p + 7`` of block ``nb``: in place
-    for bf16, else decoded into ``tmp`` [128] uint32."""
+def _turn8(route, codes, flat, scales, zeros, g, e, nb, p, panel, j, tmp):
+    """``panel.flat[j + 16 q]`` (q = 0..7) := the pairs along N of block ``nb``'s 16 rows at
+    its pairs ``p .. p + 7`` (16 columns of group ``g``): ``vtranspose8`` of the stored
+    bf16 pairs in place; of 8 vectors decoded into ``tmp`` [128] uint32 for int8, and for
+    int4 on routes without bf16 instructions; else ``isa.vturn4_bf16``, which turns the
+    4-bit codes first and then looks up their bf16 levels. Zen 4, one thread, N = 64, K =
+    128 (codes in L1), a 16 x 16 block: int4_k2 20.2 -> 10.6 ns, int4_awq 23.5 -> 16.5;
+    bf16 8.1 (``bench/RESULTS.md``, seventeenth pass)."""
 
 
-@overload(_pairs8, jit_options=JIT, inline="always")
-def _pairs8_format(route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp):
+@overload(_turn8, jit_options=JIT, inline="always")
+def _turn8_format(route, codes, flat, scales, zeros, g, e, nb, p, panel, j, tmp):
     if codes.dtype == types.uint32:
-        return lambda route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp: \
-            (flat, ((e * codes.shape[1] + nb) * codes.shape[2] + p) * LANES)
+        def impl(route, codes, flat, scales, zeros, g, e, nb, p, panel, j, tmp):
+            vtranspose8(flat, ((e * codes.shape[1] + nb) * codes.shape[2] + p) * LANES, panel, j)
+        return impl
+    if codes.dtype == types.uint8 and route.route in ("amx", "avx512_bf16"):
+        def impl(route, codes, flat, scales, zeros, g, e, nb, p, panel, j, tmp):
+            at = ((e * codes.shape[1] + nb) * codes.shape[2] + p) * LANES
+            vturn4_bf16(flat, at, scales, zeros, ((e * codes.shape[1] + nb) * scales.shape[2] + g) * LANES, panel, j)
+        return impl
 
-    def impl(route, codes, flat, scales, zeros, group_pairs, e, nb, p, tmp):
-        G = scales.shape[2]
+    def impl(route, codes, flat, scales, zeros, g, e, nb, p, panel, j, tmp):
         at = ((e * codes.shape[1] + nb) * codes.shape[2] + p) * LANES
-        zero, scale = _group_scales(codes, scales, zeros, ((e * codes.shape[1] + nb) * G + p // group_pairs) * LANES)
-        for i in range(8):                                          # 8 pairs lie in one group
+        zero, scale = _group_scales(codes, scales, zeros, ((e * codes.shape[1] + nb) * scales.shape[2] + g) * LANES)
+        for i in range(8):
             vstore(tmp, i * LANES, _decode(route, flat, at + i * LANES, zero, scale))
-        return tmp, 0
+        vtranspose8(tmp, 0, panel, j)
     return impl
 
 
 # Decoding in registers keeps the out-of-order window full of decode work: it runs too
 # short a way ahead of its loads to keep DRAM busy, so ``_rows_decoding`` hints each
-# stream's line this far ahead into L2 (``_ahead``; a hint past the last code never faults). Zen 5, 2 threads, 128 experts x 1 row, W [1536,
-# 2048] forward, read ~45-50 GB/s: int8 14.5-20.0 -> 9.6-10.3 ms (0.81-0.85 of the read
+# stream's line this far ahead into L2 (``_ahead``; a hint past the last code never
+# faults). Zen 5, 2 threads, 128 experts x 1 row, W [1536, 2048] forward, read ~45-50 GB/s: int8 14.5-20.0 -> 9.6-10.3 ms (0.81-0.85 of the read
 # rate), int4_awq 10.7-18.8 -> 8.5-11.4, int4_k2 and bf16 within the VM's spread; 4096
 # the same as 2048, into L1 as well no better. A panel's decode gains nothing from it:
 # writing and reading back its 128 KiB bounds it.
@@ -870,7 +882,7 @@ def _rows_decoding(route, a, m, last, codes, flat, scales, zeros, group_pairs, e
 def _backward_panel(route, codes, flat, scales, zeros, group_pairs, e, p0, panel, tmp):
     """``panel`` [2 * Np/2 * 16] uint32 := the VNNI layout of ``W[e]^T`` for the 32 output
     columns ``2 p0 .. 2 p0 + 31``: block b, pair q, lane j holds ``(W[2q, 2 p0 + 16 b + j],
-    W[2q + 1, ...])``, each 16 x 16 block turned by ``vtranspose8``. Zen 5, 2 threads: ~2 us
+    W[2q + 1, ...])``, each 16 x 16 block turned by ``_turn8``. Zen 5, 2 threads, bf16: ~2 us
     an item of W [1536, 2048] inside the backward (``bench/bench_panels.py``), ~12% of it at
     64 rows an expert; built a K chunk at a time into L1, or a share of the next item's
     panel per block of this one, it was no faster (the shuffles take the products' issue
@@ -878,14 +890,14 @@ def _backward_panel(route, codes, flat, scales, zeros, group_pairs, e, p0, panel
     NB, KP2 = codes.shape[1], codes.shape[2]
     q_pairs = NB * 8
     line = 64 // flat.itemsize
+    g = p0 // group_pairs          # the item's 16 pairs lie in one group: int4 groups are whole PADs
     for nb in range(NB):
         # blocks nb sit a whole block of K pairs apart: fetch the one PREFETCH_BLOCKS ahead
         ahead = ((e * NB + min(nb + PREFETCH_BLOCKS, NB - 1)) * KP2 + p0) * LANES
         for i in range(0, 16 * LANES, line):
             prefetch(flat, ahead + i)
         for b in range(2):
-            src, at = _pairs8(route, codes, flat, scales, zeros, group_pairs, e, nb, p0 + 8 * b, tmp)
-            vtranspose8(src, at, panel, (b * q_pairs + 8 * nb) * LANES)
+            _turn8(route, codes, flat, scales, zeros, g, e, nb, p0 + 8 * b, panel, (b * q_pairs + 8 * nb) * LANES, tmp)
 
 
 # Items of fewer blocks hint nothing: they stream their panel no faster than the hardware
@@ -1067,6 +1079,8 @@ class PackedWeight:
             self.scales = np.zeros((E, Np // LANES, 1, LANES), np.float32)
         elif fmt != "bf16":
             g = parts[0].group_size
+            if g % PAD:         # a backward item's 16 pairs must lie in one group (``_backward_panel``)
+                raise ValueError(f"parts: int4 group_size: expected a multiple of {PAD}, got {g}")
             self.group_pairs = g // 2
             self.scales = np.zeros((E, Np // LANES, Kp // g, LANES), np.float32 if fmt == "int4_awq" else np.uint16)
             if fmt == "int4_awq":

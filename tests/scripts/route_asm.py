@@ -13,7 +13,7 @@ from nbmoe.config import JIT_PARALLEL
 from nbmoe.kernels import gemm
 from nbmoe.kernels.isa import RouteType
 
-MARKERS = ("vfmadd", "vdpbf16ps", "tdpbf16ps", "ldtilecfg", "tileloadd", "zmm", "ymm", "vcvtdq2ps")
+MARKERS = ("vfmadd", "vdpbf16ps", "tdpbf16ps", "ldtilecfg", "tileloadd", "zmm", "ymm", "vcvtdq2ps", "vpermw")
 # codes, scales, zeros dtypes of each stored format (nbmoe/kernels/gemm.py)
 FORMATS = {"bf16": (types.uint32, types.float32, types.uint8), "int8": (types.uint16, types.float32, types.uint8),
            "int4_awq": (types.uint8, types.float32, types.uint8), "int4_k2": (types.uint8, types.uint16, types.uint8)}
