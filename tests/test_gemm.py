@@ -251,6 +251,15 @@ def test_blocks_cover_an_expert(route, sizes):
             assert sum(takes) - n <= 3, (n, takes)
 
 
+@pytest.mark.parametrize("fmt", ["int4_awq", "int4_k2"])
+def test_int4_groups_must_be_whole_pads(fmt):
+    # a backward item's 16 pairs read one group's scales: a group of 16 columns would
+    # straddle two, so it is refused when packed, not decoded with the wrong scales
+    q = nbmoe.quantize(np.ones((1, 16, 64), np.float32), fmt, 16)
+    with pytest.raises(ValueError, match="parts: int4 group_size: expected a multiple of 32, got 16"):
+        PackedWeight([q], fmt)
+
+
 @given(st.integers(1, 1 << 20))
 def test_padding_is_the_least_whole_tiling(n):
     # N padded: whole work items of TILE_N columns; K padded: whole 64-byte AMX tile rows (32 bf16)

@@ -91,7 +91,7 @@ from numba import types
 from numba.extending import overload
 
 from ..config import JIT, JIT_PARALLEL
-from .isa import tile_dpbf16, tile_load, tile_store, tile_zero, vdequant_bf16, vdpbf16, vturn4_bf16
+from .isa import BF16_ROUTES, tile_dpbf16, tile_load, tile_store, tile_zero, vdequant_bf16, vdpbf16, vturn4_bf16
 from .lora import rank_row
 from .schedule import balanced
 from .simd import (LANES, f32_from_bits, prefetch, prefetch_l2, vdequant, vfma2, vload, vload_bf16, vload_u8,
@@ -714,7 +714,7 @@ def _decode(route, codes, at, zero, scale):
 def _decode_format(route, codes, at, zero, scale):
     if codes.dtype == types.uint32:
         return lambda route, codes, at, zero, scale: vload(codes, at)
-    if route.route in ("amx", "avx512_bf16"):
+    if route.route in BF16_ROUTES:
         return lambda route, codes, at, zero, scale: vdequant_bf16(codes, at, zero, scale)
     return lambda route, codes, at, zero, scale: vdequant(codes, at, zero, scale)
 
@@ -760,7 +760,7 @@ def _turn8_format(route, codes, flat, scales, zeros, g, e, nb, p, panel, j, tmp)
         def impl(route, codes, flat, scales, zeros, g, e, nb, p, panel, j, tmp):
             vtranspose8(flat, ((e * codes.shape[1] + nb) * codes.shape[2] + p) * LANES, panel, j)
         return impl
-    if codes.dtype == types.uint8 and route.route in ("amx", "avx512_bf16"):
+    if codes.dtype == types.uint8 and route.route in BF16_ROUTES:
         def impl(route, codes, flat, scales, zeros, g, e, nb, p, panel, j, tmp):
             at = ((e * codes.shape[1] + nb) * codes.shape[2] + p) * LANES
             vturn4_bf16(flat, at, scales, zeros, ((e * codes.shape[1] + nb) * scales.shape[2] + g) * LANES, panel, j)
@@ -778,9 +778,10 @@ def _turn8_format(route, codes, flat, scales, zeros, g, e, nb, p, panel, j, tmp)
 # Decoding in registers keeps the out-of-order window full of decode work: it runs too
 # short a way ahead of its loads to keep DRAM busy, so ``_rows_decoding`` hints each
 # stream's line this far ahead into L2 (``_ahead``; a hint past the last code never
-# faults). Zen 5, 2 threads, 128 experts x 1 row, W [1536, 2048] forward, read ~45-50 GB/s: int8 14.5-20.0 -> 9.6-10.3 ms (0.81-0.85 of the read
-# rate), int4_awq 10.7-18.8 -> 8.5-11.4, int4_k2 and bf16 within the VM's spread; 4096
-# the same as 2048, into L1 as well no better. A panel's decode gains nothing from it:
+# faults). Zen 5, 2 threads, 128 experts x 1 row, W [1536, 2048] forward, read ~45-50
+# GB/s: int8 14.5-20.0 -> 9.6-10.3 ms (0.81-0.85 of the read rate), int4_awq 10.7-18.8
+# -> 8.5-11.4, int4_k2 and bf16 within the VM's spread; 4096 the same as 2048, into L1
+# as well no better. A panel's decode gains nothing from it:
 # writing and reading back its 128 KiB bounds it.
 AHEAD_BYTES = 2048
 

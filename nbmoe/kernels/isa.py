@@ -62,7 +62,8 @@ from numba.core import cgutils
 from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
 
 from ..config import JIT_PARALLEL
-from .simd import LLVM_F32X16, LLVM_I32X16, _splat, dequant_lanes, f32x16, is_code_pairs, lane_ptr, u32x16
+from .simd import (LLVM_F32X16, LLVM_I32X16, _I16X32, _I32, _LEVELS, _const_i32x16, _splat, dequant_lanes, f32x16,
+                   is_code_pairs, lane_ptr, u32x16)
 
 ROUTES = ("amx", "avx512_bf16", "avx512", "generic")
 
@@ -73,6 +74,7 @@ _NEEDS = {
     "avx512": ("avx512f", "avx512bw"),
     "generic": (),
 }
+BF16_ROUTES = tuple(r for r in ROUTES if "avx512bf16" in _NEEDS[r])    # those with vdpbf16ps, vcvtne2ps2bf16
 REPORTED_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512bf16", "amx-tile", "amx-bf16")
 
 
@@ -266,12 +268,15 @@ def vdequant_bf16(typingctx, codes, i, zero, scale):
 
     def codegen(context, builder, sig, args):
         first, second = dequant_lanes(context, builder, sig, args, _vpermps)
-        fn = _declare(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", _BF16X32, [LLVM_F32X16, LLVM_F32X16])
-        return builder.bitcast(builder.call(fn, [second, first]), ir.VectorType(ir.IntType(32), 16))
+        return builder.bitcast(_cvtne2ps2bf16(builder, first, second), LLVM_I32X16)
     return u32x16(codes, i, zero, scale), codegen
 
 
-_I32 = ir.IntType(32)
+def _cvtne2ps2bf16(builder, low, high):
+    """``vcvtne2ps2bf16``: two ``<16 x float>`` rounded to one ``<32 x i16>`` of bf16 bits,
+    ``low``'s in words 0..15 (the instruction's second operand)."""
+    fn = _declare(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", _BF16X32, [LLVM_F32X16, LLVM_F32X16])
+    return builder.bitcast(builder.call(fn, [high, low]), _I16X32)
 
 
 def _turn_mask(half):
@@ -284,10 +289,8 @@ def _turn_mask(half):
 
 _TURN_MASKS = [ir.Constant(ir.VectorType(_I32, 64), _turn_mask(h)) for h in range(2)]
 _I8X64 = ir.VectorType(ir.IntType(8), 64)
-_I16X32 = ir.VectorType(ir.IntType(16), 32)
 _NIBBLE = ir.Constant(_I8X64, [15] * 64)
 _ODD_ROW = ir.Constant(_I8X64, [16 * ((pos >> 1) & 1) for pos in range(64)])    # index 16 + q: the pair's hi row
-_NIBBLE_LEVELS = ir.Constant(LLVM_F32X16, [float(c) for c in range(16)])
 _K2_LEVELS = ir.Constant(LLVM_F32X16, [float(c - 8) for c in range(16)])
 
 
@@ -301,9 +304,8 @@ def _pair_table(builder, context, sig, args, q, zeros):
     if scales_ty.dtype == types.uint16:           # int4_k2: bf16 scales, the one zero 8
         both = builder.load(lane_ptr(context, builder, scales_ty, scales, types.intp, row, _I32), align=4)
         both = _splat(builder, LLVM_I32X16, both)       # (s[2q] | s[2q+1] << 16) in every lane
-        lo = builder.bitcast(builder.shl(both, _splat(builder, LLVM_I32X16, ir.Constant(_I32, 16))), LLVM_F32X16)
-        high = _splat(builder, LLVM_I32X16, ir.Constant(_I32, 0xFFFF0000))
-        hi = builder.bitcast(builder.and_(both, high), LLVM_F32X16)
+        lo = builder.bitcast(builder.shl(both, _const_i32x16(16)), LLVM_F32X16)
+        hi = builder.bitcast(builder.and_(both, _const_i32x16(0xFFFF0000)), LLVM_F32X16)
         halves = [builder.fmul(_K2_LEVELS, s) for s in (lo, hi)]
     else:                                      # int4_awq: float32 scales, a zero per row
         halves = []
@@ -311,10 +313,9 @@ def _pair_table(builder, context, sig, args, q, zeros):
             s = builder.load(lane_ptr(context, builder, scales_ty, scales, types.intp,
                                       builder.add(row, ir.Constant(_I64, r)), ir.FloatType()))
             z = builder.shuffle_vector(zeros, zeros, ir.Constant(LLVM_I32X16, [2 * q + r] * 16))
-            level = builder.fsub(_NIBBLE_LEVELS, z)
+            level = builder.fsub(_LEVELS, z)
             halves.append(builder.fmul(level, _splat(builder, LLVM_F32X16, s)))
-    fn = _declare(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", _BF16X32, [LLVM_F32X16, LLVM_F32X16])
-    return builder.bitcast(builder.call(fn, [halves[1], halves[0]]), _I16X32)
+    return _cvtne2ps2bf16(builder, *halves)
 
 
 def _zeros_f32(builder, context, sig, args):
