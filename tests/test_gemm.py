@@ -130,6 +130,31 @@ def test_grouped_gemm_matches_float64(route, E, N, K, R, groups, most, seed):
 
 
 @pytest.mark.parametrize("route", ROUTE_PARAMS)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_an_expert_with_a_slot_but_no_rows_writes_nothing(route, transposed):
+    # every expert given a slot, idle ones too (a caller's own slots; route_pairs gives
+    # idle experts -1): the same bits as with -1, and no row written past P. The few-row
+    # forward of an empty expert once stored its first row: the next expert's, or row P.
+    rng = np.random.default_rng(7)
+    N, K, R = 64, 96, 16
+    counts = np.array([0, 2, 0, 1, 0])
+    offsets, P, active, slot_of_expert, _, packed, a = _problem(rng, counts, 1, N, K)
+    inner, cols = (N, padded(K)) if transposed else (K, N)
+    a = np.zeros((P + ROW_SLACK, padded(inner)), np.uint16)
+    a[:P, :inner] = rng.standard_normal((P, inner)).astype(BF16).view(np.uint16)
+    lora_l = rng.standard_normal((P, R)).astype(np.float32)
+    lora_r = rng.standard_normal((len(counts), R, cols + 16)).astype(np.float32)
+    outs = []
+    for slots, by_slot in ((slot_of_expert, lora_r[active]), (np.arange(len(counts), dtype=np.int64), lora_r)):
+        out32 = np.full((P + 2, cols), np.nan, np.float32)
+        grouped_gemm(isa.Route(route, ""), a.view(np.uint32), packed, offsets, slots, lora_l, by_slot, cols,
+                     np.float32(0.5), out32, np.zeros((0, 0), np.uint16), transposed=transposed)
+        outs.append(out32)
+    assert not np.any(np.isnan(outs[0][:P])) and np.array_equal(outs[0], outs[1], equal_nan=True)
+    assert np.all(np.isnan(outs[1][P:]))                                    # rows past P: untouched
+
+
+@pytest.mark.parametrize("route", ROUTE_PARAMS)
 @pytest.mark.parametrize("R, groups", [(16, 2), (32, 1)])
 def test_epilogue_turns_caller_b_as_load_does(route, R, groups):
     """The caller's B [E, N, R] per group, turned per item into the thread's tile, gives

@@ -43,3 +43,12 @@ def test_skewed_router_is_split_evenly_across_threads():
         assert runs.max() <= 1.05 * cost.sum() / threads
     equal = np.array_split(counts[tasks[:, 0]] + PANEL_COST, 2)
     assert max(c.sum() for c in equal) / min(c.sum() for c in equal) > 1.5      # the old split
+
+
+def test_experts_without_rows_get_no_items():
+    # a slot without rows (a caller's own slots) or rows without a slot: no work item
+    offsets = np.array([0, 0, 3, 3, 4, 6], np.int64)          # rows 0, 3, 0, 1, 2
+    slot_of_expert = np.array([0, 1, 2, -1, 3], np.int64)
+    tasks, bounds = make_tasks(offsets, slot_of_expert, 2, 2)
+    assert [tuple(t) for t in tasks] == [(1, 0), (1, 1), (4, 0), (4, 1)]        # busiest first
+    assert bounds[0] == 0 and bounds[-1] == 4

@@ -668,18 +668,23 @@ def _block_amx(route, a, m, last, rows, w, w0, k2, n0, lora, out, held, pf, plan
 
 @njit(**JIT)
 def make_tasks(offsets, slot_of_expert, n_tiles, n_chunks):
-    """Work items ``tasks [n, 2]`` = (expert, tile) for the active experts, busiest first,
-    and ``bounds [n_chunks + 1]``: ``balanced`` runs of rows + ``PANEL_COST`` each."""
+    """Work items ``tasks [n, 2]`` = (expert, tile) for the active experts with rows,
+    busiest first, and ``bounds [n_chunks + 1]``: ``balanced`` runs of rows +
+    ``PANEL_COST`` each. An expert with a slot but no rows gets no item: the few-row
+    forward stores its first row unconditionally, which for an empty expert is the next
+    expert's row (or one past the last)."""
     E = offsets.shape[0] - 1
     counts = offsets[1:] - offsets[:E]
     experts = np.argsort(-counts, kind="mergesort")
     n_active = 0
     for e in range(E):
-        n_active += slot_of_expert[e] >= 0
+        n_active += slot_of_expert[e] >= 0 and counts[e] > 0
     tasks = np.empty((n_active * n_tiles, 2), np.int64)
     cost = np.empty(n_active * n_tiles, np.int64)
     i = 0
-    for e in experts[:n_active]:
+    for e in experts:
+        if slot_of_expert[e] < 0 or counts[e] == 0:
+            continue
         for tile in range(n_tiles):
             tasks[i, 0] = e
             tasks[i, 1] = tile
