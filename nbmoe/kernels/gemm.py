@@ -65,19 +65,20 @@ per block (a burst of a 128 KiB panel's lines stalls the tile loads behind it).
 
 Work split
 ----------
-A work item is (expert, 32-column tile), busiest experts first. Its cost is the rows it
-multiplies plus ``PANEL_COST`` for streaming its 32 columns of weights; ``make_tasks``
-cuts the list into one contiguous run of about equal cost per thread (``balanced``), so
-a skewed router (a few experts taking most tokens) does not load one thread with every
-heavy expert. ``prange`` runs over the runs; each owns a row of the per-thread scratch
-(``thread_scratch``). The item walks its expert's rows a block at a time; each route's
-``_block`` keeps its accumulators in registers (vector or tile) over all of K, then runs
-the shared epilogue (``_finish4`` on four register rows at a time, ``_finish_row`` on
-one): the LoRA term, then the stores. avx512_bf16's register blocks put their rows in the
-thread's scratch (``_hold4``) and store them from there: at once, or, where they write
-densely through the caches, during the K loop of the thread's next block
-(``HOLD_PAIRS``). Each output element is written by exactly one item, summed in a fixed
-order: results do not depend on the thread count or the cut.
+A work item is (expert, 32-column tile) for each expert with a slot and rows, busiest
+experts first. Its cost is the rows it multiplies plus ``PANEL_COST`` for streaming its
+32 columns of weights; ``make_tasks`` cuts the list into one contiguous run of about
+equal cost per thread (``balanced``), so a skewed router (a few experts taking most
+tokens) does not load one thread with every heavy expert. ``prange`` runs over the runs;
+each owns a row of the per-thread scratch (``thread_scratch``). The item walks its
+expert's rows a block at a time; each route's ``_block`` keeps its accumulators in
+registers (vector or tile) over all of K, then runs the shared epilogue (``_finish4`` on
+four register rows at a time, ``_finish_row`` on one): the LoRA term, then the stores.
+avx512_bf16's register blocks put their rows in the thread's scratch (``_hold4``) and
+store them from there: at once, or, where they write densely through the caches, during
+the K loop of the thread's next block (``HOLD_PAIRS``). Each output element is written by
+exactly one item, summed in a fixed order: results do not depend on the thread count or
+the cut.
 
 Routes slot in through ``_block`` and ``block_take``: one ``@overload`` per route.
 """
