@@ -677,15 +677,11 @@ def make_tasks(offsets, slot_of_expert, n_tiles, n_chunks):
     E = offsets.shape[0] - 1
     counts = offsets[1:] - offsets[:E]
     experts = np.argsort(-counts, kind="mergesort")
-    n_active = 0
-    for e in range(E):
-        n_active += slot_of_expert[e] >= 0 and counts[e] > 0
-    tasks = np.empty((n_active * n_tiles, 2), np.int64)
-    cost = np.empty(n_active * n_tiles, np.int64)
+    experts = experts[(slot_of_expert[experts] >= 0) & (counts[experts] > 0)]
+    tasks = np.empty((experts.size * n_tiles, 2), np.int64)
+    cost = np.empty(experts.size * n_tiles, np.int64)
     i = 0
     for e in experts:
-        if slot_of_expert[e] < 0 or counts[e] == 0:
-            continue
         for tile in range(n_tiles):
             tasks[i, 0] = e
             tasks[i, 1] = tile
