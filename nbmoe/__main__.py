@@ -170,7 +170,8 @@ def cmd_bench(args):
             print(f"{row.T:>5} | {name:8} | {label:13} | {ours * 1e3:9.2f} | {ratio} | "
                   f"{theirs * 1e3:9.2f} | {theirs / ours:6.2f}x | {flop / ours / 1e9:7.1f} | "
                   f"{ceilings.roofline_s(flop, nbytes) / ours:8.2f}")
-    ours, theirs, flop = bench.single_gemm(route)
+    times, flop = bench.single_gemm([route])
+    ours, theirs = times[route.name], times["torch.matmul"]
     print(f"single bf16 GEMM M=512 K=2048 N=1536: nbmoe {ours * 1e3:.2f} ms ({flop / ours / 1e9:.0f} GFLOP/s), "
           f"torch.matmul {theirs * 1e3:.2f} ms ({flop / theirs / 1e9:.0f} GFLOP/s): {theirs / ours:.2f}x")
     return 0

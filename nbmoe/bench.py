@@ -302,8 +302,13 @@ def memory_step(layers=4, E=8, k=8, H=2048, I=768, r=16, T=4096, steps=2, seed=0
     return out
 
 
-def single_gemm(route, M=512, K=2048, N=1536, repeat=20):
-    """(nbmoe s, torch.matmul s, FLOP) for one bf16 GEMM ``a [M, K] @ w [N, K]^T``."""
+def single_gemm(routes, M=512, K=2048, N=1536, repeat=20):
+    """({contender: median s}, FLOP) for one bf16 GEMM ``a [M, K] @ w [N, K]^T``: each
+    route of ``routes`` on nbmoe's packed ``w`` (keyed by route name), and
+    ``"torch.matmul"``. Timed in interleaved rounds, so every contender sees the same
+    seconds of a shared machine (the 2-vCPU VMs lose up to half their compute rate for
+    seconds at a time: timed one after the other, a route and torch differed 2x in a
+    notebook run). Each route's result is checked against the float64 product first."""
     import torch
 
     from .torch import to_torch
@@ -315,13 +320,18 @@ def single_gemm(route, M=512, K=2048, N=1536, repeat=20):
     packed = PackedMatrix(w.view(np.uint16))
     out = np.empty((M, padded(N)), np.float32)
     ta, tw = to_torch(a), to_torch(w)
-
-    def ours():
-        packed.matmul(route, a.view(np.uint16), out)
-
-    def theirs():
-        torch.matmul(ta, tw.T)
-
-    ours(), theirs()
-    times = [(_timed(ours), _timed(theirs)) for _ in range(repeat)]     # interleaved: both see one machine
-    return float(np.median([t[0] for t in times])), float(np.median([t[1] for t in times])), 2 * M * N * K
+    reference = a.astype(np.float64) @ w.astype(np.float64).T
+    contenders = {route.name: lambda route=route: packed.matmul(route, a.view(np.uint16), out) for route in routes}
+    contenders["torch.matmul"] = lambda: torch.matmul(ta, tw.T)
+    for route in routes:
+        # fp32 sums of K bf16 products of unit-variance terms: |error| ~ 1e-5, a wrong
+        # tile or pad is O(1)
+        err = float(np.abs(contenders[route.name]() - reference).max())
+        if not err < 1e-3:
+            raise RuntimeError(f"single_gemm: route {route.name!r} is off the float64 product by {err:.3g}")
+    contenders["torch.matmul"]()
+    times = {name: [] for name in contenders}
+    for _ in range(repeat):
+        for name, fn in contenders.items():
+            times[name].append(_timed(fn))
+    return {name: float(np.median(t)) for name, t in times.items()}, 2 * M * N * K

@@ -8,7 +8,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nbmoe import bench
-from nbmoe.kernels import peak
+from nbmoe.kernels import isa, peak
+from nbmoe.kernels.gemm import PackedMatrix
 from nbmoe.reference import LORA_FIELDS
 from nbmoe.torch import to_numpy, to_torch
 from conftest import ROUTE_PARAMS
@@ -142,3 +143,15 @@ def test_ceilings_best_takes_each_ceiling_at_its_highest():
     best = bench.Ceilings.best(a, b)
     assert (best.peak_gflops, best.read_gbs, best.peak_of) == (470.0, 60.0, "vdpbf16ps")
     assert best.roofline_s(470e9, 120e9) == 2.0                 # max(1 s of compute, 2 s of reading)
+
+
+@pytest.mark.parametrize("route", ROUTE_PARAMS)
+def test_single_gemm_times_each_contender_and_refuses_a_wrong_product(route, monkeypatch):
+    routes = [isa.Route(route, "")]
+    times, flop = bench.single_gemm(routes, M=20, K=64, N=48, repeat=2)
+    assert sorted(times) == sorted([route, "torch.matmul"]) and all(t > 0 for t in times.values())
+    assert flop == 2 * 20 * 64 * 48
+    off = lambda self, route, a, out=None: np.zeros((a.shape[0], self.shape[0]), np.float32)
+    monkeypatch.setattr(PackedMatrix, "matmul", off)
+    with pytest.raises(RuntimeError, match=rf"single_gemm: route '{route}' is off the float64 product by"):
+        bench.single_gemm(routes, M=20, K=64, N=48, repeat=1)
