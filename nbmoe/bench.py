@@ -151,9 +151,23 @@ def _timed(fn):
 
 
 def median_time(fn, repeat, warmup=1):
+    return interleaved({None: fn}, repeat, warmup)[None]
+
+
+def interleaved(fns, repeat, warmup=1):
+    """{name: median s} of the callables ``fns`` ({name: fn}), timed in ``repeat`` rounds
+    of one call each, after ``warmup`` rounds: every contender sees the same seconds of a
+    shared machine (the 2-vCPU VMs lose up to half their compute rate for seconds at a
+    time: timed one after the other, an avx512_bf16 GEMM and torch's differed 2x in a
+    notebook run)."""
     for _ in range(warmup):
-        fn()
-    return float(np.median([_timed(fn) for _ in range(repeat)]))
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 class EagerExperts:
@@ -241,24 +255,32 @@ def side_by_side(gate, up, down, lora, tokens, k, repeat=3, route=None, skew=Non
             wg = tw.detach().requires_grad_(True)
             eager.forward(xg, tids, wg).backward(tg)
 
-        eager_times = median_time(eager_fwd, repeat), median_time(eager_step, repeat)
         fwd_flop, bwd_flop = flops(T, k, H, I, r)
+        forwards, steps = {"eager": eager_fwd}, {"eager": eager_step}
+        for key, layer in layers.items():
+            forwards[key], steps[key] = _nbmoe_passes(layer, x, ids, weights, grad_y, lora is not None)
+        fwd, step = interleaved(forwards, repeat), interleaved(steps, repeat)
         for (fmt, tp), layer in layers.items():
-            layer.forward(x, ids, weights, save_for_backward=True)
-            held = layer.backward(grad_y)
-
-            def nb_fwd():
-                layer.forward(x, ids, weights)
-
-            def nb_step():
-                layer.forward(x, ids, weights, save_for_backward=True)
-                layer.backward(grad_y, accumulate_into=held if lora is not None else None)
-
             nbytes = weight_bytes(ids, E, H, I, layer.packed_nbytes, lora)
-            rows.append(Row(T, median_time(nb_fwd, repeat), eager_times[0], median_time(nb_step, repeat),
-                            eager_times[1], fwd_flop, fwd_flop + bwd_flop, nbytes, 2 * nbytes, fmt,
-                            layer.packed_nbytes, tp))
+            rows.append(Row(T, fwd[fmt, tp], fwd["eager"], step[fmt, tp], step["eager"], fwd_flop,
+                            fwd_flop + bwd_flop, nbytes, 2 * nbytes, fmt, layer.packed_nbytes, tp))
     return next(iter(layers.values())), rows
+
+
+def _nbmoe_passes(layer, x, ids, weights, grad_y, accumulate):
+    """(forward, forward + backward) of ``layer`` as callables; the step accumulates the
+    LoRA gradients into those of a first backward, run here."""
+    layer.forward(x, ids, weights, save_for_backward=True)
+    held = layer.backward(grad_y) if accumulate else None
+
+    def forward():
+        layer.forward(x, ids, weights)
+
+    def step():
+        layer.forward(x, ids, weights, save_for_backward=True)
+        layer.backward(grad_y, accumulate_into=held)
+
+    return forward, step
 
 
 def resident_bytes():
@@ -305,10 +327,8 @@ def memory_step(layers=4, E=8, k=8, H=2048, I=768, r=16, T=4096, steps=2, seed=0
 def single_gemm(routes, M=512, K=2048, N=1536, repeat=20):
     """({contender: median s}, FLOP) for one bf16 GEMM ``a [M, K] @ w [N, K]^T``: each
     route of ``routes`` on nbmoe's packed ``w`` (keyed by route name), and
-    ``"torch.matmul"``. Timed in interleaved rounds, so every contender sees the same
-    seconds of a shared machine (the 2-vCPU VMs lose up to half their compute rate for
-    seconds at a time: timed one after the other, a route and torch differed 2x in a
-    notebook run). Each route's result is checked against the float64 product first."""
+    ``"torch.matmul"``, timed ``interleaved``; each route's result is checked against the
+    float64 product first."""
     import torch
 
     from .torch import to_torch
@@ -329,9 +349,4 @@ def single_gemm(routes, M=512, K=2048, N=1536, repeat=20):
         err = float(np.abs(contenders[route.name]() - reference).max())
         if not err < 1e-3:
             raise RuntimeError(f"single_gemm: route {route.name!r} is off the float64 product by {err:.3g}")
-    contenders["torch.matmul"]()
-    times = {name: [] for name in contenders}
-    for _ in range(repeat):
-        for name, fn in contenders.items():
-            times[name].append(_timed(fn))
-    return {name: float(np.median(t)) for name, t in times.items()}, 2 * M * N * K
+    return interleaved(contenders, repeat), 2 * M * N * K
