@@ -70,8 +70,8 @@ is the rows it multiplies plus ``PANEL_COST`` for streaming its 32 columns of we
 ``make_tasks`` cuts the list into one contiguous run of about equal cost per thread
 (``balanced``), so a skewed router (a few experts taking most tokens) does not load one
 thread with every heavy expert, and orders the experts so that each run also gets its
-share of the experts (``_mixed``), so of the weights to stream. ``prange`` runs over the runs;
-each owns a row of the per-thread scratch (``thread_scratch``). The item walks its
+share of the experts (``_mixed``), so of the weights to stream. ``prange`` runs over the
+runs; each owns a row of the per-thread scratch (``thread_scratch``). The item walks its
 expert's rows a block at a time; each route's ``_block`` keeps its accumulators in
 registers (vector or tile) over all of K, then runs the shared epilogue (``_finish4`` on
 four register rows at a time, ``_finish_row`` on one): the LoRA term, then the stores.
